@@ -1,0 +1,207 @@
+"""The ASGI application: routes, the request-id/error middleware and the lifespan.
+
+`create_app()` reads the environment once (for `uvicorn --factory proxy.app:create_app`);
+`build_app(settings, ...)` is what the CLI and the tests call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.cluster import Cluster
+from proxy.config import Settings, load_settings
+from proxy.errors import GatewayError, NotFound, error_body
+from proxy.gateway import Gateway
+from proxy.messages import count_tokens, messages
+from state import open_store
+from state.errors import StateUnavailable
+from state.store import Store
+
+log = logging.getLogger("mlxmux")
+
+# Claude model names offered by GET /v1/models; any other name is accepted too (see the model map).
+CLAUDE_MODELS = (
+    ("claude-opus-4-8", "Claude Opus 4.8"),
+    ("claude-opus-4-5", "Claude Opus 4.5"),
+    ("claude-sonnet-4-5", "Claude Sonnet 4.5"),
+    ("claude-haiku-4-5", "Claude Haiku 4.5"),
+)
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP response a `request-id` header and turns escaped errors into Anthropic bodies."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = "req_" + secrets.token_hex(12)
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"request-id", request_id.encode())
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except GatewayError as exc:
+            if started:
+                raise
+            await _send_error(send_with_id, exc, request_id)
+        except Exception:
+            log.exception("unhandled error in request %s", request_id)
+            if started:
+                raise
+            await _send_error(send_with_id, GatewayError("internal error"), request_id)
+
+
+async def _send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+    headers = [(b"content-type", b"application/json"), (b"x-should-retry", b"true" if exc.retryable else b"false")]
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(int(exc.retry_after)).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": error_body(exc.type, exc.message, request_id)})
+
+
+def _gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+async def hello(request: Request) -> Response:
+    return Response(b"mlxmux: an Anthropic Messages API gateway. POST /v1/messages\n", media_type="text/plain")
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    gw = _gateway(request)
+    routable = any(gw.cluster.candidates(pool) for pool in gw.cluster.pools())
+    try:
+        await gw.store.ping()
+        store = "ok"
+    except StateUnavailable:
+        store = "unreachable (routing locally)"
+    body = {"ready": routable, "cluster": gw.cluster.status(), "store": store}
+    return JSONResponse(body, status_code=200 if routable else 503)
+
+
+async def cluster(request: Request) -> Response:
+    gw = _gateway(request)
+    ids = list(gw.cluster.nodes)
+    try:
+        views = {v.node_id: v for v in await gw.store.node_views(ids)}
+    except StateUnavailable:
+        views = {v.node_id: v for v in await gw.local_store.node_views(ids)}
+    nodes = []
+    for node_id, node in gw.cluster.nodes.items():
+        view = views.get(node_id)
+        entry: dict[str, object] = {
+            "id": node_id,
+            "url": node.url,
+            "pool": node.pool,
+            "model": node.model,
+            "protocol": node.protocol,
+            "state": gw.cluster.states.get(node_id, "initializing"),
+            "max_concurrency": node.max_concurrency,
+        }
+        if node_id in gw.health.last_error:
+            entry["last_error"] = gw.health.last_error[node_id]
+        if view is not None:
+            entry["inflight"] = view.inflight
+            entry["sessions"] = view.sessions
+            entry["stats"] = msgspec.to_builtins(view.stats)
+        nodes.append(entry)
+    return JSONResponse(
+        {
+            "status": gw.cluster.status(),
+            "strategy": str(gw.settings.routing.strategy),
+            "store": "shared" if gw.settings.redis_url else "memory",
+            "store_reachable": gw.store_ok,
+            "nodes": nodes,
+        }
+    )
+
+
+async def models(request: Request) -> Response:
+    gw = _gateway(request)
+    created = "2025-01-01T00:00:00Z"
+    data = [{"type": "model", "id": mid, "display_name": name, "created_at": created} for mid, name in CLAUDE_MODELS]
+    data += [{"type": "model", "id": p, "display_name": f"mlxmux pool {p}", "created_at": created} for p in gw.cluster.pools()]
+    return JSONResponse({"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+
+
+async def not_found(request: Request) -> Response:
+    raise NotFound(f"no route for {request.method} {request.url.path}")
+
+
+def build_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The gateway app. `store` and `transport` are injection points for tests."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        shared = store if store is not None else open_store(
+            settings.redis_url or "memory://",
+            prefix=settings.routing.key_prefix,
+            **_store_limits(settings),
+        )
+        gw = Gateway(settings, shared, Cluster(settings.nodes, settings.timeouts, transport))
+        app.state.gateway = gw
+        app.state.started = time.time()
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    routes = [
+        Route("/", hello, methods=["GET", "HEAD"]),
+        Route("/api/hello", hello, methods=["GET", "HEAD"]),
+        Route("/health", health, methods=["GET", "HEAD"]),
+        Route("/ready", ready, methods=["GET", "HEAD"]),
+        Route("/cluster", cluster, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/{path:path}", not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
+    return app
+
+
+def _store_limits(settings: Settings) -> dict[str, int]:
+    r = settings.routing
+    return {"max_blocks_per_node": r.max_blocks_per_node, "prefix_ttl_ms": int(r.prefix_ttl_s * 1000)}
+
+
+def create_app() -> Starlette:
+    """App factory reading MLXMUX_* from the environment (uvicorn --factory proxy.app:create_app)."""
+    return build_app(load_settings())

@@ -1,0 +1,95 @@
+"""`mlxmux` command line: serve, sim-node, demo.
+
+Configuration errors print one line (`mlxmux: error: …`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from proxy.config import ConfigError, Settings, load_settings
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the gateway", description="Run the gateway (Anthropic Messages API).")
+    p.add_argument("--host", help="bind address (MLXMUX_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (MLXMUX_PORT, default 8420)")
+    p.add_argument(
+        "--node",
+        action="append",
+        metavar="[ID=]URL",
+        help="an inference node, repeatable (MLXMUX_NODES=url1,id2=url2)",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file (MLXMUX_CONFIG)")
+    p.add_argument("--redis", metavar="URL", help="shared state, e.g. redis://localhost:6379/0 (MLXMUX_REDIS_URL)")
+    p.add_argument(
+        "--strategy",
+        choices=["cache-aware", "round-robin", "least-loaded", "latency-based", "random"],
+        help="routing strategy (MLXMUX_STRATEGY, default cache-aware)",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="MLXMUX_LOG_LEVEL")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        ("server", "host"): args.host,
+        ("server", "port"): args.port,
+        ("server", "log_level"): args.log_level,
+        ("routing", "strategy"): args.strategy,
+        (None, "redis_url"): args.redis,
+    }
+    return load_settings(config_file=args.config, overrides=overrides, nodes=args.node)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from proxy.app import build_app
+
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not settings.nodes:
+        logging.getLogger("mlxmux").warning("no nodes configured: every request will get 503 until nodes are added")
+    config = uvicorn.Config(
+        build_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=settings.server.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "sim-node":
+        from proxy.sim.cli import main as sim_main
+
+        return sim_main(argv[1:])
+    if argv and argv[0] == "demo":
+        from proxy.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="mlxmux", description="Claude Code gateway for a team's own Macs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    sub.add_parser("sim-node", help="run a simulated mlx_lm.server (mlxmux sim-node --help)", add_help=False)
+    sub.add_parser("demo", help="start sim nodes and a gateway to try with Claude Code", add_help=False)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(settings_from_args(args))
+    except ConfigError as exc:
+        print(f"mlxmux: error: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

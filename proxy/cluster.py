@@ -1,0 +1,77 @@
+"""This replica's view of its nodes: configs, HTTP clients and the last known health states.
+
+The hot path reads only this local view (no I/O); `proxy.health` keeps the states fresh from
+probes and from the shared store, so every replica converges on the same picture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import httpx
+
+from proxy.config import NodeConfig, TimeoutConfig
+from proxy.upstream import NodeClient
+from state.types import ROUTABLE_STATES, Candidate, NodeState
+
+
+class Cluster:
+    def __init__(
+        self,
+        nodes: Iterable[NodeConfig],
+        timeouts: TimeoutConfig,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.timeouts = timeouts
+        self._transport = transport
+        self.nodes: dict[str, NodeConfig] = {}
+        self.clients: dict[str, NodeClient] = {}
+        self.states: dict[str, NodeState] = {}
+        for node in nodes:
+            self.add(node)
+
+    def add(self, node: NodeConfig) -> None:
+        self.nodes[node.id] = node
+        self.clients[node.id] = NodeClient(node, self.timeouts, self._transport)
+        self.states.setdefault(node.id, NodeState.INITIALIZING)
+
+    async def remove(self, node_id: str) -> None:
+        self.nodes.pop(node_id, None)
+        self.states.pop(node_id, None)
+        client = self.clients.pop(node_id, None)
+        if client is not None:
+            await client.aclose()
+
+    def pools(self) -> list[str]:
+        return sorted({n.pool for n in self.nodes.values()})
+
+    def candidates(self, pool: str, exclude: Iterable[str] = ()) -> tuple[Candidate, ...]:
+        """Routable nodes of a pool in configured order.
+
+        Healthy and degraded nodes first; if none is known healthy yet (a replica that just started,
+        before its first probe), nodes still initializing are tried rather than refusing the request.
+        """
+        excluded = set(exclude)
+        members = [n for n in self.nodes.values() if n.pool == pool and n.id not in excluded]
+        routable = [n for n in members if self.states.get(n.id) in ROUTABLE_STATES]
+        if not routable:
+            routable = [n for n in members if self.states.get(n.id) == NodeState.INITIALIZING]
+        return tuple(Candidate(n.id, n.max_concurrency, n.cache_slots) for n in routable)
+
+    def status(self) -> str:
+        """Cluster status derived from node states: starting, healthy, degraded, critical, offline."""
+        states = list(self.states.values())
+        if not states:
+            return "offline"
+        routable = sum(s in ROUTABLE_STATES for s in states)
+        if routable == 0:
+            return "starting" if any(s == NodeState.INITIALIZING for s in states) else "offline"
+        if all(s == NodeState.HEALTHY for s in states):
+            return "healthy"
+        if routable * 2 < len(states):
+            return "critical"
+        return "degraded"
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()

@@ -1,0 +1,211 @@
+"""Settings: defaults < config file (TOML) < MLXMUX_* environment < command-line flags.
+
+Decoded into msgspec structs that forbid unknown keys, so a typo in the config file is an
+error naming the key. `ConfigError` carries one line for the user; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from state.types import CostWeights, Strategy
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message is one line meant for the user."""
+
+
+class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One inference node (an mlx_lm.server, llama-server, vLLM, LM Studio …)."""
+
+    url: str
+    id: str = ""
+    """Stable name for logs, bindings and `mlxmux status`; defaults to host:port of the URL."""
+    model: str | None = None
+    """The model id the node serves, sent upstream; None omits `model` (mlx_lm.server uses its loaded one)."""
+    pool: str = "default"
+    """Pool of interchangeable nodes; the model map sends a requested model name to a pool."""
+    protocol: Literal["openai", "anthropic"] = "openai"
+    """openai = chat completions (translated); anthropic = native /v1/messages (passed through)."""
+    max_concurrency: int = 4
+    cache_slots: int = 10
+    """Prompts the node's cache holds (mlx_lm.server --prompt-cache-size, default 10)."""
+    images: bool = False
+    """True if the node's model takes images; otherwise images become a text placeholder."""
+    api_key: str | None = None
+    """Sent upstream as `Authorization: Bearer …`; never logged or echoed."""
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8420
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_tokens_cap: int = 32768
+    """Upper bound on max_tokens sent to a node (Claude Code asks for 32000–64000)."""
+    ping_interval_s: float = 10.0
+    """An `event: ping` goes to the client when it has heard nothing for this long."""
+    accept_wait_s: float = 1.0
+    """How long to wait for the node's response headers before sending message_start anyway."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class TimeoutConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    connect_s: float = 3.0
+    first_byte_s: float = 600.0
+    """Silence allowed before the node's first token: a cold 30k-token prefill on a Mac takes minutes."""
+    between_chunks_s: float = 120.0
+    """Silence allowed once tokens flow (node keepalive comments count as sound)."""
+
+
+class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    strategy: Strategy = Strategy.CACHE_AWARE
+    weights: CostWeights = CostWeights()
+    session_ttl_s: float = 1800.0
+    lease_ttl_s: float = 60.0
+    prefix_ttl_s: float = 3600.0
+    block_size: int = 1024
+    max_blocks_per_node: int = 4096
+    max_attempts: int = 3
+    """Nodes tried for one request before giving up (only before any content reached the client)."""
+    retry_after_s: int = 10
+    """Retry-After sent with 503 cluster_unavailable."""
+    key_prefix: str = "mlxmux:"
+
+
+class HealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    interval_s: float = 5.0
+    timeout_s: float = 3.0
+    fail_threshold: int = 2
+    pass_threshold: int = 1
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    timeouts: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    nodes: list[NodeConfig] = msgspec.field(default_factory=list)
+    models: dict[str, str] = msgspec.field(default_factory=dict)
+    """Model map: glob pattern of a requested model name → pool. Unmatched names go to `default`."""
+    redis_url: str | None = None
+
+    def pool_for(self, model: str) -> str:
+        for pattern, pool in self.models.items():
+            if fnmatch.fnmatchcase(model, pattern):
+                return pool
+        return "default"
+
+
+def parse_node(spec: str) -> NodeConfig:
+    """`URL` or `ID=URL` (as given to --node / MLXMUX_NODES)."""
+    spec = spec.strip()
+    node_id, sep, url = spec.partition("=")
+    if not sep or "://" in node_id:
+        node_id, url = "", spec
+    return NodeConfig(url=url, id=node_id)
+
+
+def _finish_node(node: NodeConfig) -> NodeConfig:
+    parts = urlsplit(node.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"node url {node.url!r} is not an http(s) URL (expected e.g. http://mac1:8080)")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"node url {node.url!r}: {exc}") from None
+    url = node.url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    node_id = node.id or f"{parts.hostname}:{port or (443 if parts.scheme == 'https' else 80)}"
+    if node.max_concurrency < 1 or node.cache_slots < 1:
+        raise ConfigError(f"node {node_id}: max_concurrency and cache_slots must be at least 1")
+    return msgspec.structs.replace(node, url=url, id=node_id)
+
+
+def _decode(data: Mapping[str, Any], source: str) -> Settings:
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {os.fspath(path)!r} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {os.fspath(path)!r}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {os.fspath(path)!r}: {exc.strerror}") from None
+
+
+# Environment variable → (section, key). MLXMUX_NODES and MLXMUX_CONFIG are handled apart.
+ENV_KEYS: dict[str, tuple[str | None, str]] = {
+    "MLXMUX_HOST": ("server", "host"),
+    "MLXMUX_PORT": ("server", "port"),
+    "MLXMUX_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "MLXMUX_MAX_TOKENS_CAP": ("server", "max_tokens_cap"),
+    "MLXMUX_PING_INTERVAL_S": ("server", "ping_interval_s"),
+    "MLXMUX_LOG_LEVEL": ("server", "log_level"),
+    "MLXMUX_STRATEGY": ("routing", "strategy"),
+    "MLXMUX_SESSION_TTL_S": ("routing", "session_ttl_s"),
+    "MLXMUX_MAX_ATTEMPTS": ("routing", "max_attempts"),
+    "MLXMUX_KEY_PREFIX": ("routing", "key_prefix"),
+    "MLXMUX_CONNECT_TIMEOUT_S": ("timeouts", "connect_s"),
+    "MLXMUX_FIRST_BYTE_TIMEOUT_S": ("timeouts", "first_byte_s"),
+    "MLXMUX_BETWEEN_CHUNKS_TIMEOUT_S": ("timeouts", "between_chunks_s"),
+    "MLXMUX_HEALTH_INTERVAL_S": ("health", "interval_s"),
+    "MLXMUX_REDIS_URL": (None, "redis_url"),
+}
+
+
+def _set(data: dict[str, Any], section: str | None, key: str, value: Any) -> None:
+    if section is None:
+        data[key] = value
+    else:
+        data.setdefault(section, {})[key] = value
+
+
+def load_settings(
+    *,
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str | None, str], Any] | None = None,
+    nodes: list[str] | None = None,
+) -> Settings:
+    """Build Settings from a TOML file, MLXMUX_* variables and explicit overrides (flags), in that order."""
+    env = os.environ if env is None else env
+    config_file = config_file or env.get("MLXMUX_CONFIG") or None
+    data: dict[str, Any] = load_file(config_file) if config_file else {}
+    source = config_file or "configuration"
+    for var, (section, key) in ENV_KEYS.items():
+        if env.get(var):
+            _set(data, section, key, env[var])
+    for (section, key), value in (overrides or {}).items():
+        if value is not None:
+            _set(data, section, key, value)
+    specs = nodes or [s for s in env.get("MLXMUX_NODES", "").split(",") if s.strip()]
+    if specs:
+        data["nodes"] = [msgspec.to_builtins(parse_node(s)) for s in specs]
+    settings = _decode(data, source)
+    finished = [_finish_node(n) for n in settings.nodes]
+    seen: set[str] = set()
+    for n in finished:
+        if n.id in seen:
+            raise ConfigError(f"two nodes share the id {n.id!r}; give them distinct ids with ID=URL")
+        seen.add(n.id)
+    if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://", "memory://")):
+        raise ConfigError(f"redis url {settings.redis_url!r} must start with redis://, rediss:// or unix://")
+    if settings.routing.max_attempts < 1:
+        raise ConfigError("routing.max_attempts must be at least 1")
+    return msgspec.structs.replace(settings, nodes=finished)

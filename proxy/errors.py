@@ -1,0 +1,106 @@
+"""Errors the gateway turns into Anthropic error responses.
+
+    GatewayError                      status  error.type
+    ├── InvalidRequest                400     invalid_request_error   (bad JSON, bad schema, node 4xx)
+    ├── AuthenticationFailed          401     authentication_error
+    ├── PermissionDenied              403     permission_error
+    ├── NotFound                      404     not_found_error
+    ├── RequestTooLarge               413     request_too_large
+    ├── RateLimited                   429     rate_limit_error
+    ├── UpstreamError                 500     api_error
+    ├── ClusterUnavailable            503     cluster_unavailable     (no eligible node)
+    ├── UpstreamTimeout               504     timeout_error
+    └── Overloaded                    529     overloaded_error        (node unreachable or 5xx)
+
+Every subclass knows its status, its Anthropic `type`, whether a retry can help
+(`x-should-retry`) and, optionally, a `Retry-After` in seconds.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "api_error"
+    retryable: bool = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    retryable = False
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    retryable = False
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    retryable = False
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "not_found_error"
+    retryable = False
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    type = "request_too_large"
+    retryable = False
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class UpstreamError(GatewayError):
+    status = 500
+    type = "api_error"
+
+
+class ClusterUnavailable(GatewayError):
+    status = 503
+    type = "cluster_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "timeout_error"
+
+
+class Overloaded(GatewayError):
+    status = 529
+    type = "overloaded_error"
+
+
+class ErrorDetail(msgspec.Struct):
+    type: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, tag="error", tag_field="type"):
+    """`{"type":"error","error":{"type":…,"message":…},"request_id":…}`"""
+
+    error: ErrorDetail
+    request_id: str | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def error_body(error_type: str, message: str, request_id: str | None = None) -> bytes:
+    return _encode(ErrorBody(ErrorDetail(error_type, message), request_id))

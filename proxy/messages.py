@@ -1,0 +1,173 @@
+"""`POST /v1/messages`: decode, hash the prompt, route, and answer (streaming or not).
+
+Routing and failover: each attempt asks the gateway for a node (excluding nodes that already
+failed this request); a node failure before any content reached the client is retried on
+another node, up to `routing.max_attempts`. A node's 4xx is not retried: it is the request.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.errors import ClusterUnavailable, RequestTooLarge
+from proxy.gateway import Gateway
+from proxy.relay import Attempt, Prepared, RelayResponse, failure_error
+from proxy.translate import (
+    encode_chat_request,
+    estimate_tokens,
+    from_chat_completion,
+    prompt_parts,
+    to_chat_request,
+    to_native_body,
+)
+from proxy.upstream import NodeFailure
+from proxy.wire.anthropic import (
+    MessagesRequest,
+    decode_count_tokens_request,
+    decode_messages_request,
+    session_id_from_metadata,
+)
+from proxy.wire.openai import decode_completion
+from state.prefix import block_hashes
+
+_json = msgspec.json.Encoder()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def session_key(request: Request, body: MessagesRequest) -> str | None:
+    """Binding key: the conversation's session id, plus the agent id for a subagent's own conversation."""
+    h = request.headers
+    session = h.get("x-claude-code-session-id") or h.get("x-session-id") or session_id_from_metadata(body)
+    if not session:
+        return None
+    agent = h.get("x-claude-code-agent-id")
+    return f"{session}/{agent}" if agent else session
+
+
+def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
+    body = decode_messages_request(raw)
+    settings = gw.settings
+    pool = settings.pool_for(body.model)
+    chat = to_chat_request(body, model_id=None, max_tokens_cap=settings.server.max_tokens_cap)
+    blocks = block_hashes(prompt_parts(chat), salt=pool, block_size=settings.routing.block_size)
+    return Prepared(
+        raw=raw,
+        body=body,
+        chat=chat,
+        pool=pool,
+        blocks=blocks,
+        session=session_key(request, body),
+        message_id=f"msg_{uuid.uuid4().hex[:24]}",
+        request_id=request.scope.get("state", {}).get("request_id", ""),
+        received=time.monotonic(),
+    )
+
+
+def upstream_request(gw: Gateway, prep: Prepared, node_id: str) -> tuple[str, bytes]:
+    """Path and body for this node: translated chat completions, or the native Messages body."""
+    node = gw.cluster.nodes[node_id]
+    cap = gw.settings.server.max_tokens_cap
+    if node.protocol == "anthropic":
+        return "/v1/messages", to_native_body(prep.raw, model_id=node.model, max_tokens_cap=cap)
+    chat = prep.chat
+    if node.images:
+        chat = to_chat_request(prep.body, model_id=node.model, max_tokens_cap=cap, images=True)
+    else:
+        chat = msgspec.structs.replace(chat, model=node.model if node.model is not None else msgspec.UNSET)
+    return "/v1/chat/completions", encode_chat_request(chat)
+
+
+async def messages(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    raw = await read_body(request, gw.settings.server.max_body_bytes)
+    prep = prepare(gw, request, raw)
+    if prep.body.stream:
+        return RelayResponse(gw, prep, upstream_request)
+    return await complete(gw, prep)
+
+
+async def complete(gw: Gateway, prep: Prepared) -> Response:
+    """A non-streaming request: one whole answer from the first node that gives one."""
+    tried: list[str] = []
+    last: NodeFailure | None = None
+    for _ in range(gw.settings.routing.max_attempts):
+        try:
+            decision = await gw.route(prep.pool, prep.blocks, prep.session, tried)
+        except ClusterUnavailable:
+            if last is None:
+                raise
+            break
+        attempt = Attempt(gw, prep, decision)
+        path, body = upstream_request(gw, prep, decision.node_id)
+        client = gw.cluster.clients[decision.node_id]
+        try:
+            answer = await client.post(path, body, timeout=gw.settings.timeouts.first_byte_s)
+            if gw.cluster.nodes[decision.node_id].protocol == "anthropic":
+                data = _native_answer(answer, prep, decision.node_id)
+                await attempt.succeed()
+                return Response(data, media_type="application/json")
+            try:
+                completion = decode_completion(answer)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                raise NodeFailure("protocol", f"node {decision.node_id} sent an invalid completion") from None
+            result = from_chat_completion(
+                completion, model=prep.body.model, message_id=prep.message_id, stop_sequences=_stops(prep.body)
+            )
+            attempt.prompt_tokens = result.usage.input_tokens + (result.usage.cache_read_input_tokens or 0)
+            attempt.cached_tokens = result.usage.cache_read_input_tokens or 0
+            await attempt.succeed()
+            return Response(_json.encode(result), media_type="application/json")
+        except NodeFailure as failure:
+            await attempt.fail(failure)
+            tried.append(decision.node_id)
+            last = failure
+            if not failure.retryable:
+                break
+        except BaseException:
+            await attempt.abandon()
+            raise
+    assert last is not None
+    raise failure_error(last)
+
+
+def _stops(body: MessagesRequest) -> list[str]:
+    return list(body.stop_sequences) if isinstance(body.stop_sequences, list) else []
+
+
+def _native_answer(answer: bytes, prep: Prepared, node_id: str) -> bytes:
+    """A native node's Messages answer, with the model name the client asked for."""
+    try:
+        data = msgspec.json.decode(answer)
+    except msgspec.DecodeError:
+        raise NodeFailure("protocol", f"node {node_id} sent invalid JSON") from None
+    if not isinstance(data, dict) or data.get("type") != "message":
+        raise NodeFailure("protocol", f"node {node_id} sent something that is not a message")
+    data["model"] = prep.body.model
+    return _json.encode(data)
+
+
+async def count_tokens(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    raw = await read_body(request, gw.settings.server.max_body_bytes)
+    body = decode_count_tokens_request(raw)
+    return Response(_json.encode({"input_tokens": estimate_tokens(body)}), media_type="application/json")
+

@@ -1,0 +1,367 @@
+"""Streaming answers: an ASGI response that relays a node's stream to the client as Anthropic SSE.
+
+Timeline of one streaming request:
+  1. route, open the upstream request; wait up to `server.accept_wait_s` for the node's
+     response headers so a node that refuses at once becomes a real HTTP status (529, 400 …);
+  2. send 200 + `message_start` (at the latest after accept_wait_s) and `event: ping` whenever
+     the client has heard nothing for `server.ping_interval_s` (long Mac prefills);
+  3. translate chunks to events as they arrive and write them at once (no buffering);
+  4. a node failure before any content was written → next node (same stream, same message);
+     after content → an Anthropic `error` event ends the stream (never a fake end_turn).
+The client disconnecting cancels the relay, which closes the upstream response at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from starlette.types import Receive, Scope, Send
+
+from proxy.errors import (
+    ClusterUnavailable,
+    GatewayError,
+    InvalidRequest,
+    Overloaded,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+)
+from proxy.gateway import Gateway
+from proxy.sse import PING, SSEDecoder, encode_event
+from proxy.stream import StreamTranslator
+from proxy.upstream import NodeFailure, NodeStream
+from proxy.wire.anthropic import MessagesRequest
+from proxy.wire.openai import ChatCompletionRequest, decode_chunk
+from state.types import Decision, Outcome
+
+log = logging.getLogger("mlxmux.relay")
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A decoded, hashed request ready to route."""
+
+    raw: bytes
+    body: MessagesRequest
+    chat: ChatCompletionRequest
+    pool: str
+    blocks: tuple[str, ...]
+    session: str | None
+    message_id: str
+    request_id: str
+    received: float
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of a request on one node; reports its outcome to the store exactly once."""
+
+    gw: Gateway
+    prep: Prepared
+    decision: Decision
+    started: float = field(default_factory=time.monotonic)
+    ttft_ms: float = 0.0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    done: bool = False
+
+    def first_token(self) -> None:
+        if not self.ttft_ms:
+            self.ttft_ms = (time.monotonic() - self.started) * 1000
+
+    async def _finish(self, outcome: Outcome) -> None:
+        if self.done:
+            return
+        self.done = True
+        await self.gw.finish(self.decision.lease, outcome)
+
+    async def succeed(self) -> None:
+        total = (time.monotonic() - self.started) * 1000
+        await self._finish(Outcome(True, self.ttft_ms or total, total, "", self.prompt_tokens, self.cached_tokens))
+
+    async def fail(self, failure: NodeFailure) -> None:
+        total = (time.monotonic() - self.started) * 1000
+        await self._finish(Outcome(False, self.ttft_ms, total, failure.kind))
+        await self.gw.health.report_failure(self.decision.node_id, failure)
+        log.warning("node %s failed request %s: %s", self.decision.node_id, self.prep.request_id, failure.message)
+
+    async def abandon(self) -> None:
+        """The client went away (or the server is stopping): free the lease, blame no node."""
+        total = (time.monotonic() - self.started) * 1000
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._finish(Outcome(False, self.ttft_ms, total, "client_cancel")))
+
+
+def failure_error(failure: NodeFailure) -> GatewayError:
+    """What the client sees when a node failed and no other node could take the request."""
+    if failure.kind == "http_4xx":
+        return InvalidRequest(f"the node rejected the request: {failure.message}")
+    if failure.kind == "timeout":
+        return UpstreamTimeout(failure.message)
+    if failure.kind == "protocol":
+        return UpstreamError(failure.message)
+    return Overloaded(failure.message)
+
+
+UpstreamRequest = Callable[[Gateway, Prepared, str], tuple[str, bytes]]
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class RelayResponse:
+    """ASGI response for a streaming /v1/messages request."""
+
+    def __init__(self, gw: Gateway, prep: Prepared, upstream_request: UpstreamRequest) -> None:
+        self.gw = gw
+        self.prep = prep
+        self.upstream_request = upstream_request
+        self.settings = gw.settings
+        self.headers_sent = False
+        self.content_sent = False
+        self.last_write = 0.0
+        self._send: Send | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._send = send
+        relay = asyncio.ensure_future(self._run())
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relay, watch):
+                task.cancel()
+            await asyncio.gather(relay, watch, return_exceptions=True)
+
+    # -- writing to the client -------------------------------------------------------------
+
+    async def _start(self) -> None:
+        if self.headers_sent:
+            return
+        assert self._send is not None
+        self.headers_sent = True
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+        start = StreamTranslator(model=self.prep.body.model, message_id=self.prep.message_id).start()
+        await self._write(b"".join(encode_event(e) for e in start))
+
+    async def _write(self, data: bytes) -> None:
+        assert self._send is not None
+        self.last_write = time.monotonic()
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _end(self) -> None:
+        assert self._send is not None
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _error(self, error: GatewayError) -> None:
+        """End the exchange with an error: a real HTTP status if nothing was sent yet, else an event."""
+        assert self._send is not None
+        if not self.headers_sent:
+            self.headers_sent = True
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"x-should-retry", b"true" if error.retryable else b"false"),
+            ]
+            if error.retry_after is not None:
+                headers.append((b"retry-after", str(int(error.retry_after)).encode()))
+            await self._send({"type": "http.response.start", "status": error.status, "headers": headers})
+            body = error_body(error.type, error.message, self.prep.request_id)
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        kind = "overloaded_error" if error.retryable else "api_error"
+        if error.status < 500 and not error.retryable:
+            kind = error.type
+        tr = StreamTranslator(model=self.prep.body.model, message_id=self.prep.message_id)
+        await self._write(b"".join(encode_event(e) for e in tr.fail(kind, error.message)))
+        await self._end()
+
+    async def _wait(self, task: asyncio.Future[object], limit: float, since: float, node_id: str) -> object:
+        """Await `task`, starting the response after accept_wait_s and pinging the client while silent.
+
+        Raises NodeFailure('timeout') if the node stays silent for `limit` seconds after `since`.
+        """
+        accept_at = self.prep.received + self.settings.server.accept_wait_s
+        ping_every = self.settings.server.ping_interval_s
+        while True:
+            wake = (self.last_write + ping_every) if self.headers_sent else accept_at
+            wake = min(wake, since + limit)
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, wake - time.monotonic()))
+            if done:
+                return task.result()
+            now = time.monotonic()
+            if now >= since + limit:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                raise NodeFailure("timeout", f"node {node_id} sent nothing for {limit:g}s")
+            if not self.headers_sent:
+                await self._start()
+            elif now - self.last_write >= ping_every:
+                await self._write(PING)
+
+    # -- the relay -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        tried: list[str] = []
+        last: NodeFailure | None = None
+        try:
+            for _ in range(self.settings.routing.max_attempts):
+                try:
+                    decision = await self.gw.route(self.prep.pool, self.prep.blocks, self.prep.session, tried)
+                except ClusterUnavailable:
+                    if last is None:
+                        raise
+                    break
+                attempt = Attempt(self.gw, self.prep, decision)
+                try:
+                    await self._attempt(attempt)
+                    return
+                except NodeFailure as failure:
+                    await attempt.fail(failure)
+                    tried.append(decision.node_id)
+                    last = failure
+                    if self.content_sent or not failure.retryable:
+                        break
+                except BaseException:
+                    await attempt.abandon()
+                    raise
+            assert last is not None
+            await self._error(failure_error(last))
+        except GatewayError as exc:
+            await self._error(exc)
+        except Exception:
+            log.exception("relay failed for request %s", self.prep.request_id)
+            await self._error(UpstreamError("internal error while relaying the stream"))
+
+    async def _attempt(self, attempt: Attempt) -> None:
+        node_id = attempt.decision.node_id
+        node = self.gw.cluster.nodes[node_id]
+        path, body = self.upstream_request(self.gw, self.prep, node_id)
+        client = self.gw.cluster.clients[node_id]
+        timeouts = self.settings.timeouts
+        opening = asyncio.ensure_future(client.open_stream(path, body))
+        try:
+            stream = await self._wait(opening, timeouts.first_byte_s, attempt.started, node_id)
+        except BaseException:
+            opening.cancel()
+            raise
+        assert isinstance(stream, NodeStream)
+        try:
+            await self._start()
+            if node.protocol == "anthropic":
+                await self._relay_native(stream, attempt)
+            else:
+                await self._relay_chat(stream, attempt)
+        finally:
+            await stream.aclose()
+        await self._end()
+        await attempt.succeed()
+
+    async def _chunks(self, stream: NodeStream, attempt: Attempt):  # type: ignore[no-untyped-def]
+        """Yield the node's bytes, enforcing silence limits and pinging the client meanwhile."""
+        timeouts = self.settings.timeouts
+        since = attempt.started
+        while True:
+            limit = timeouts.between_chunks_s if self.content_sent else timeouts.first_byte_s
+            chunk = await self._wait(asyncio.ensure_future(stream.next_chunk()), limit, since, attempt.decision.node_id)
+            assert isinstance(chunk, bytes)
+            if not chunk:
+                return
+            since = time.monotonic()
+            yield chunk
+
+    async def _relay_chat(self, stream: NodeStream, attempt: Attempt) -> None:
+        node_id = attempt.decision.node_id
+        stops = self.prep.body.stop_sequences if isinstance(self.prep.body.stop_sequences, list) else ()
+        tr = StreamTranslator(model=self.prep.body.model, message_id=self.prep.message_id, stop_sequences=stops)
+        decoder = SSEDecoder()
+        done = False
+        async for chunk in self._chunks(stream, attempt):
+            out: list[bytes] = []
+            for msg in decoder.feed(chunk):
+                if msg.comment is not None:
+                    if time.monotonic() - self.last_write >= 1.0:
+                        out.append(PING)  # node keepalive during prefill: let the client hear it
+                    continue
+                if msg.data is None:
+                    continue
+                if msg.data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    parsed = decode_chunk(msg.data)
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                    raise NodeFailure("protocol", f"node {node_id} sent an invalid stream chunk") from None
+                out.extend(encode_event(e) for e in tr.feed(parsed))
+            if tr.started_content and not self.content_sent:
+                self.content_sent = True
+                attempt.first_token()
+            if out:
+                await self._write(b"".join(out))
+            if done:
+                break
+        if not (done or tr.finished):
+            raise NodeFailure("stream_cut", f"node {node_id} ended the stream before finishing")
+        attempt.prompt_tokens, attempt.cached_tokens = tr.prompt_tokens, tr.cached_tokens
+        await self._write(b"".join(encode_event(e) for e in tr.finish()))
+
+    async def _relay_native(self, stream: NodeStream, attempt: Attempt) -> None:
+        """Pass a native Anthropic stream through, swallowing the node's message_start (ours went first)."""
+        node_id = attempt.decision.node_id
+        decoder = SSEDecoder()
+        stopped = False
+        async for chunk in self._chunks(stream, attempt):
+            out: list[bytes] = []
+            for msg in decoder.feed(chunk):
+                if msg.data is None:
+                    continue
+                name = msg.event or ""
+                if name == "message_start":
+                    self._native_usage(msg.data, attempt)
+                    continue
+                if name == "error" and not self.content_sent:
+                    raise NodeFailure("http_5xx", f"node {node_id} reported an error before any content")
+                if name == "content_block_start" and not self.content_sent:
+                    self.content_sent = True
+                    attempt.first_token()
+                if name == "message_delta":
+                    self._native_usage(msg.data, attempt)
+                stopped = stopped or name in ("message_stop", "error")
+                out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), msg.data.encode()))
+            if out:
+                await self._write(b"".join(out))
+        if not stopped:
+            raise NodeFailure("stream_cut", f"node {node_id} ended the stream before message_stop")
+
+    @staticmethod
+    def _native_usage(data: str, attempt: Attempt) -> None:
+        with contextlib.suppress(msgspec.DecodeError):
+            event = msgspec.json.decode(data)
+            if isinstance(event, dict):
+                usage = (event.get("message") or {}).get("usage") or event.get("usage") or {}
+                if isinstance(usage, dict):
+                    cached = int(usage.get("cache_read_input_tokens") or 0)
+                    fresh = int(usage.get("input_tokens") or 0)
+                    if cached or fresh:
+                        attempt.cached_tokens = cached
+                        attempt.prompt_tokens = cached + fresh

@@ -1,0 +1,391 @@
+"""The simulated node's HTTP face: a plain ASGI app answering like mlx_lm.server.
+
+Routes (matched exactly, query string included, as mlx's `BaseHTTPRequestHandler` does):
+
+- `POST /v1/chat/completions` (and `/chat/completions`), `POST /v1/completions`;
+- `GET /v1/models` (and `/v1/models/<id>`), `GET /health`;
+- `POST /v1/messages` only with `anthropic=True`;
+- `GET /_sim/stats`, `GET|POST /_sim/faults`, `POST /_sim/reset`: the simulator's own controls;
+- any other path: 404 `Not Found`; methods other than GET/POST/OPTIONS: 501.
+
+Errors as mlx gives them: bad JSON 400 `{"error": ...}`; an unknown `model` 404 `{"error": ...}`;
+template failures (non-text content, tool-call arguments that are not a JSON string) 500; invalid
+parameters (e.g. negative `max_tokens`, `stream` not a boolean, no `messages`) close the connection
+with no response at all.
+
+The app is plain ASGI (not wrapped in Starlette's middleware) on purpose: closing a connection with no
+response, or mid-body, needs the server's transport, which uvicorn exposes on its `send` callable. Under
+another server those faults degrade to an exception (usually a 500). Each inference request watches for
+the client going away and cancels its generation then, freeing the slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+from starlette.types import Receive, Scope, Send
+
+from proxy.sim import chat, messages
+from proxy.sim.config import SimConfig
+from proxy.sim.engine import Finished, Keepalive, SimNode, Started
+from proxy.sim.faults import Faults, RequestFaults
+from proxy.sim.model import (
+    Conversation,
+    TemplateError,
+    chat_conversation,
+    invalid_parameters,
+    max_tokens_of,
+    render_prompt,
+    stop_words_of,
+    text_cells,
+)
+from proxy.sim.script import Piece, TokenPlan, plan_tokens, write_reply
+
+CONVERSATION_HEADER = b"x-sim-conversation"
+Planner = Callable[[int, int], TokenPlan]
+CORS = [
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-allow-methods", b"*"),
+    (b"access-control-allow-headers", b"*"),
+]
+
+
+class DropConnection(Exception):
+    """Close the client's connection now, with whatever was sent so far (mlx's failure modes)."""
+
+
+class ResponseEnded(Exception):
+    """The response was ended early on purpose (a fault); stop generating."""
+
+
+class Responder(Protocol):
+    stream: bool
+
+    @property
+    def media_type(self) -> str: ...
+    def started(self, ev: Started) -> list[bytes]: ...
+    def keepalive(self, ev: Keepalive) -> bytes: ...
+    def piece(self, p: Piece) -> list[bytes]: ...
+    def finished(self, f: Finished) -> list[bytes]: ...
+    def body(self, f: Finished) -> bytes: ...
+    def garbage(self) -> bytes: ...
+
+
+async def _send_response(
+    send: Send, status: int, body: bytes, content_type: bytes = b"application/json", cors: bool = True
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (CORS if cors else [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _drop(send: Send, receive: Receive) -> None:
+    """Close the TCP connection under this request (uvicorn only) and wait until the server notices."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None or not hasattr(transport, "close"):
+        raise RuntimeError("sim fault: cannot close the connection under this server")
+    transport.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_wait_disconnect(receive), 2.0)
+
+
+class SimApp:
+    """ASGI app of one simulated node; build it with `build_sim_app`."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.node = SimNode(config)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        method: str = scope["method"]
+        path: str = scope["path"]
+        query: bytes = scope.get("query_string", b"")
+        full = path + ("?" + query.decode("latin-1") if query else "")
+        if path.startswith("/_sim/"):
+            await self._control(method, path, receive, send)
+        elif method == "POST":
+            kind = {
+                "/v1/chat/completions": "chat",
+                "/chat/completions": "chat",
+                "/v1/completions": "text",
+                "/v1/messages": "messages" if self.config.anthropic else None,
+            }.get(full)
+            if kind is None:
+                await _send_response(send, 404, b"Not Found")
+            else:
+                await self._inference(kind, scope, receive, send)
+        elif method == "GET":
+            if full.startswith("/v1/models"):
+                await self._models(full, send)
+            elif full == "/health":
+                await self._health(send)
+            else:
+                await _send_response(send, 404, b"Not Found")
+        elif method == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204, "headers": CORS})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            body = f"Unsupported method ({method!r})".encode()
+            await _send_response(send, 501, body, b"text/plain; charset=utf-8", cors=False)
+
+    # --- plain endpoints -------------------------------------------------------------------------------------
+
+    async def _models(self, full: str, send: Send) -> None:
+        wanted = full[len("/v1/models/") :] if full.startswith("/v1/models/") else None
+        model = {"id": self.config.model, "object": "model", "created": int(time.time())}
+        data = [model] if wanted in (None, "", self.config.model) else []
+        await _send_response(send, 200, msgspec.json.encode({"object": "list", "data": data}))
+
+    async def _health(self, send: Send) -> None:
+        status = self.node.faults.current.health_status
+        body = b'{"status": "ok"}' if status == 200 else b'{"error": "sim fault: health check failing"}'
+        await _send_response(send, status, body)
+
+    async def _control(self, method: str, path: str, receive: Receive, send: Send) -> None:
+        node = self.node
+        if path == "/_sim/stats" and method == "GET":
+            await _send_response(send, 200, msgspec.json.encode(node.view()))
+        elif path == "/_sim/faults" and method == "GET":
+            await _send_response(send, 200, msgspec.json.encode(node.faults.current))
+        elif path == "/_sim/faults" and method == "POST":
+            raw = await _read_body(receive)
+            try:
+                faults = msgspec.json.decode(raw or b"{}", type=Faults)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                await _send_response(send, 400, msgspec.json.encode({"error": str(exc)}))
+                return
+            node.faults.set(faults)
+            await _send_response(send, 200, msgspec.json.encode(faults))
+        elif path == "/_sim/reset" and method == "POST":
+            await _read_body(receive)
+            node.reset()
+            await _send_response(send, 200, b'{"status": "reset"}')
+        else:
+            await _send_response(send, 404, b"Not Found")
+
+    # --- inference ----------------------------------------------------------------------------------------------
+
+    async def _inference(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
+        node = self.node
+        node.active += 1
+        node.stats.requests += 1
+        conversation = next((v.decode() for k, v in scope["headers"] if k == CONVERSATION_HEADER), None)
+        try:
+            raw = await _read_body(receive)
+            if raw is None:
+                node.stats.disconnects += 1
+                return
+            faults = node.faults.take()
+            task = asyncio.ensure_future(self._serve(kind, raw, faults, conversation, send))
+            watcher = asyncio.ensure_future(_wait_disconnect(receive))
+            try:
+                await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not task.done():
+                    node.stats.disconnects += 1
+                    task.cancel()
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except ResponseEnded:
+                    node.stats.errors += 1
+                except DropConnection:
+                    node.stats.errors += 1
+                    await _drop(send, receive)
+        finally:
+            node.active -= 1
+
+    async def _error(self, send: Send, kind: str, status: int, message: str) -> None:
+        self.node.stats.errors += 1
+        body = messages.error_body(status, message) if kind == "messages" else msgspec.json.encode({"error": message})
+        await _send_response(send, status, body)
+
+    async def _serve(self, kind: str, raw: bytes, faults: RequestFaults, conversation: str | None, send: Send) -> None:
+        """Everything after the body was read; runs as a task that is cancelled if the client leaves."""
+        if faults.slow_first_byte_s:
+            await asyncio.sleep(faults.slow_first_byte_s)
+        if faults.close:
+            raise DropConnection
+        if faults.fail_status:
+            await self._error(send, kind, faults.fail_status, f"sim fault: injected HTTP {faults.fail_status}")
+            return
+        if faults.hang:
+            await self.node.faults.changed()
+            while self.node.faults.current.hang:
+                await self.node.faults.changed()
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            await self._error(send, kind, 400, f"Invalid JSON in request body: {exc}")
+            return
+        if kind == "messages":
+            await self._serve_messages(body, faults, conversation, send)
+            return
+        if invalid_parameters(body, chat=kind == "chat") is not None:
+            raise DropConnection  # mlx raises before answering; the client sees the connection close
+        requested = body.get("model", "default_model")
+        if requested not in ("default_model", self.config.model):
+            message = f"Failed to load model {requested!r}: this sim node serves only {self.config.model!r}"
+            await self._error(send, kind, 404, message)
+            return
+        try:
+            if kind == "chat":
+                conv = chat_conversation(body)
+                prompt = render_prompt(conv)
+            else:
+                conv = Conversation((), (), ())
+                prompt = text_cells(str(body["prompt"]))
+        except TemplateError as exc:
+            await self._error(send, kind, 500, str(exc))
+            return
+        stream = bool(body.get("stream", False))
+        responder = chat.ChatResponder(
+            model=requested, stream=stream, text=kind == "text", stream_options=body.get("stream_options")
+        )
+        plan = self._planner(conv, max_tokens_of(body), stop_words_of(body))
+        await self._run(responder, prompt, plan, faults, conversation, send)
+
+    async def _serve_messages(self, body: Any, faults: RequestFaults, conversation: str | None, send: Send) -> None:
+        if not isinstance(body, dict) or not isinstance(body.get("max_tokens"), int):
+            await self._error(send, "messages", 400, "max_tokens: field required (an integer)")
+            return
+        try:
+            conv = messages.messages_conversation(body)
+        except TemplateError as exc:
+            await self._error(send, "messages", 400, str(exc))
+            return
+        stop = [s for s in body.get("stop_sequences") or [] if isinstance(s, str) and s]
+        responder = messages.MessagesResponder(
+            model=str(body.get("model", self.config.model)), stream=bool(body.get("stream"))
+        )
+        plan = self._planner(conv, int(body["max_tokens"]), stop)
+        await self._run(responder, render_prompt(conv), plan, faults, conversation, send)
+
+    def _planner(self, conv: Conversation, max_tokens: int, stop: list[str]) -> Planner:
+        config = self.config
+
+        def make_plan(prompt_tokens: int, cached_tokens: int) -> TokenPlan:
+            reply = write_reply(
+                conv,
+                node_id=config.name,
+                reply_tokens=config.reply_tokens,
+                reasoning=config.reasoning,
+                prompt_tokens=prompt_tokens,
+                cached_tokens=cached_tokens,
+            )
+            return plan_tokens(reply, max_tokens=max_tokens, stop=stop)
+
+        return make_plan
+
+    async def _run(
+        self,
+        responder: Responder,
+        prompt: bytes,
+        make_plan: Planner,
+        faults: RequestFaults,
+        conversation: str | None,
+        send: Send,
+    ) -> None:
+        """Generate and answer: stream events as they come, or one body at the end."""
+        sent = 0  # data chunks streamed so far
+
+        async def emit(chunks: list[bytes]) -> None:
+            nonlocal sent
+            for chunk in chunks:
+                if faults.cut_after is not None and sent >= faults.cut_after:
+                    if faults.cut_mode == "eof":
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        raise ResponseEnded
+                    raise DropConnection
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += 1
+
+        events = self.node.generate(prompt, make_plan, conversation)
+        try:
+            async for ev in events:
+                if isinstance(ev, Piece):
+                    if responder.stream:
+                        await emit(responder.piece(ev))
+                    else:
+                        responder.piece(ev)
+                        if faults.cut_after is not None and (ev.text or ev.tool_call):
+                            sent += 1
+                            if sent > faults.cut_after:
+                                raise DropConnection
+                elif isinstance(ev, Keepalive):
+                    if responder.stream:
+                        await send({"type": "http.response.body", "body": responder.keepalive(ev), "more_body": True})
+                elif isinstance(ev, Started):
+                    if responder.stream:
+                        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+                        await send({"type": "http.response.start", "status": 200, "headers": headers + CORS})
+                        if faults.garbage:
+                            await send({"type": "http.response.body", "body": responder.garbage(), "more_body": True})
+                        await emit(responder.started(ev))
+                elif responder.stream:
+                    await emit(responder.finished(ev))
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                else:
+                    body = responder.garbage() if faults.garbage else responder.body(ev)
+                    await _send_response(send, 200, body)
+        finally:
+            await events.aclose()
+
+
+def build_sim_app(config: SimConfig) -> SimApp:
+    """The ASGI app of one simulated mlx_lm.server node.
+
+    Several nodes can share one process and event loop, e.g. for `mlxmux demo`::
+
+        import asyncio, uvicorn
+        from proxy.sim.app import build_sim_app
+        from proxy.sim.config import SimConfig
+
+        async def main() -> None:
+            configs = [SimConfig(port=p, node_id=f"mac-{i}") for i, p in enumerate((8081, 8082))]
+            servers = [
+                uvicorn.Server(uvicorn.Config(build_sim_app(c), host=c.host, port=c.port,
+                                              log_level="warning", access_log=False))
+                for c in configs
+            ]
+            await asyncio.gather(*(s.serve() for s in servers))
+
+    (`proxy.sim.cli.serve_many(configs)` does exactly that.) Each app keeps its own cache, slots,
+    faults and counters; nothing is global.
+    """
+    return SimApp(config)

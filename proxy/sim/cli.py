@@ -1,0 +1,125 @@
+"""`mlxmux sim-node`: run a simulated mlx_lm.server (also `python -m proxy.sim`).
+
+Use it to try mlxmux without a Mac, in tests, and in benchmarks of cache-affinity routing::
+
+    mlxmux sim-node --port 8081 --id mac-1
+    mlxmux sim-node --port 8082 --id mac-2 --prefill-tps 1000 --fail-status 503 --fail-rate 0.2
+
+See `proxy.sim.config.SimConfig` for what each setting means and `proxy.sim.faults` for the faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from proxy.sim.app import build_sim_app
+from proxy.sim.config import DEFAULT_MODEL, SimConfig
+from proxy.sim.faults import Faults
+
+__all__ = ["SimConfig", "build_sim_app", "main", "make_server", "serve_many"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlxmux sim-node",
+        description="Simulated mlx_lm.server: same endpoints, a prompt cache, realistic timing, injectable faults.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--id", dest="node_id", default="", help="node id named in replies (default sim-<port>)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model id served (default {DEFAULT_MODEL})")
+    p.add_argument("--prompt-cache-size", type=int, default=10, help="LRU prompt cache entries (default 10)")
+    p.add_argument("--prefill-tps", type=float, default=4000.0, help="prefill tokens/s, 0 = instant (default 4000)")
+    p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens per prefill step/keepalive (2048)")
+    p.add_argument("--token-delay-ms", type=float, default=5.0, help="delay per generated token (default 5)")
+    p.add_argument("--reply-tokens", type=int, default=48, help="length of the default reply (default 48)")
+    p.add_argument("--parallel", type=int, default=4, help="concurrent generations; more wait (default 4)")
+    p.add_argument("--reasoning", action="store_true", help="emit delta.reasoning before the answer")
+    p.add_argument("--anthropic", action="store_true", help="also serve POST /v1/messages natively")
+    f = p.add_argument_group("faults (also settable at runtime: POST /_sim/faults)")
+    f.add_argument("--fail-status", type=int, default=0, help="answer requests with this HTTP status")
+    f.add_argument("--fail-rate", type=float, default=1.0, help="fraction of requests that fail (default 1)")
+    f.add_argument("--hang", action="store_true", help="never answer (until faults change or the client leaves)")
+    f.add_argument("--cut-after", type=int, default=None, help="stream N chunks, then stop without [DONE]")
+    f.add_argument("--cut-mode", choices=["drop", "eof"], default="drop", help="how a cut stream ends")
+    f.add_argument("--close", action="store_true", help="close connections without any response")
+    f.add_argument("--slow-first-byte-ms", type=float, default=0.0, help="delay before answering")
+    f.add_argument("--garbage", action="store_true", help="send a non-JSON data: line")
+    f.add_argument("--health-status", type=int, default=200, help="status of GET /health (default 200)")
+    f.add_argument("--fault-times", type=int, default=None, help="apply request faults to N requests only")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """Build a SimConfig from parsed flags (raises ValueError on out-of-range values)."""
+    faults = Faults(
+        fail_status=args.fail_status,
+        fail_rate=args.fail_rate,
+        hang=args.hang,
+        cut_after=args.cut_after,
+        cut_mode=args.cut_mode,
+        close=args.close,
+        slow_first_byte_ms=args.slow_first_byte_ms,
+        garbage=args.garbage,
+        health_status=args.health_status,
+        times=args.fault_times,
+    )
+    return SimConfig(
+        host=args.host,
+        port=args.port,
+        node_id=args.node_id,
+        model=args.model,
+        prompt_cache_size=args.prompt_cache_size,
+        prefill_tps=args.prefill_tps,
+        prefill_step_size=args.prefill_step_size,
+        token_delay_ms=args.token_delay_ms,
+        reply_tokens=args.reply_tokens,
+        parallel=args.parallel,
+        reasoning=args.reasoning,
+        anthropic=args.anthropic,
+        faults=faults,
+    )
+
+
+def make_server(config: SimConfig) -> uvicorn.Server:
+    """A uvicorn server for one sim node (not started): `await server.serve()`."""
+    return uvicorn.Server(
+        uvicorn.Config(
+            build_sim_app(config),
+            host=config.host,
+            port=config.port,
+            loop="auto",
+            http="auto",
+            access_log=False,
+            log_level="warning",
+            # Hung requests never finish by themselves: do not let them hold shutdown.
+            timeout_graceful_shutdown=1,
+        )
+    )
+
+
+async def serve_many(configs: Sequence[SimConfig]) -> None:
+    """Run several sim nodes in this process, on the running event loop, until they are stopped."""
+    await asyncio.gather(*(make_server(c).serve() for c in configs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mlxmux sim-node`; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(
+        f"sim node {config.name} serving {config.model} on http://{config.host}:{config.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    make_server(config).run()
+    return 0

@@ -1,0 +1,226 @@
+"""The simulated node's engine: slots, prompt cache, timing and counters, independent of HTTP.
+
+`SimNode.generate` is an async generator of events for one request: `Started` once a slot is free and the
+cache was consulted, `Keepalive` per prefill step (mlx's `: keepalive N/M` progress, N of M uncached
+tokens), a `Piece` per generated token, and `Finished`. Cancelling the consumer (the client went away)
+stops the generation and frees the slot at once; prompt + the tokens generated so far are stored in the
+cache either way, as mlx does when a generation ends early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+import msgspec
+
+from proxy.sim.cache import TOKEN_BYTES, CacheEntry, PromptCache, token_count
+from proxy.sim.config import SimConfig
+from proxy.sim.faults import Faults, FaultState
+from proxy.sim.script import Piece, TokenPlan
+
+
+class Started(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class Keepalive(msgspec.Struct, frozen=True):
+    processed: int
+    total: int
+
+
+class Finished(msgspec.Struct, frozen=True):
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    stop_sequence: str | None = None
+
+
+Event = Started | Keepalive | Piece | Finished
+
+
+class ConversationStats(msgspec.Struct):
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class RequestRecord(msgspec.Struct, frozen=True):
+    """One served generation, as listed in `/_sim/stats` `recent`."""
+
+    conversation: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class Stats(msgspec.Struct):
+    """Counters since start or the last `/_sim/reset`."""
+
+    requests: int = 0
+    completed: int = 0
+    errors: int = 0
+    disconnects: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    conversations: list[str] = msgspec.field(default_factory=list)
+    per_conversation: dict[str, ConversationStats] = msgspec.field(default_factory=dict)
+    recent: deque[RequestRecord] = msgspec.field(default_factory=lambda: deque(maxlen=100))
+
+
+class StatsView(msgspec.Struct, frozen=True):
+    """Body of `GET /_sim/stats`."""
+
+    id: str
+    model: str
+    requests: int
+    completed: int
+    errors: int
+    disconnects: int
+    active: int
+    generating: int
+    queued: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cache_hit_ratio: float
+    cache_capacity: int
+    cache_entries: list[CacheEntry]
+    conversations: list[str]
+    per_conversation: dict[str, ConversationStats]
+    recent: list[RequestRecord]
+    faults: Faults
+
+
+class SimNode:
+    """State of one simulated node: config, prompt cache, generation slots, faults and counters."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.cache = PromptCache(config.prompt_cache_size)
+        self.faults = FaultState(config.faults)
+        self.stats = Stats()
+        self.active = 0  # inference requests in flight, whatever they are doing
+        self.generating = 0  # holding a slot
+        self.queued = 0  # waiting for a slot
+        self._slots = asyncio.Semaphore(config.parallel)
+
+    def reset(self) -> None:
+        """Forget counters and the prompt cache (faults stay)."""
+        self.stats = Stats()
+        self.cache.clear()
+
+    def view(self) -> StatsView:
+        s = self.stats
+        return StatsView(
+            id=self.config.name,
+            model=self.config.model,
+            requests=s.requests,
+            completed=s.completed,
+            errors=s.errors,
+            disconnects=s.disconnects,
+            active=self.active,
+            generating=self.generating,
+            queued=self.queued,
+            prompt_tokens=s.prompt_tokens,
+            cached_tokens=s.cached_tokens,
+            completion_tokens=s.completion_tokens,
+            cache_hit_ratio=round(s.cached_tokens / s.prompt_tokens, 4) if s.prompt_tokens else 0.0,
+            cache_capacity=self.cache.capacity,
+            cache_entries=self.cache.entries(),
+            conversations=list(s.conversations),
+            per_conversation=dict(s.per_conversation),
+            recent=list(s.recent),
+            faults=self.faults.current,
+        )
+
+    async def generate(
+        self,
+        prompt: bytes,
+        make_plan: Callable[[int, int], TokenPlan],
+        conversation: str | None = None,
+    ) -> AsyncGenerator[Event, None]:
+        """Run one generation: wait for a slot, consult the cache, prefill, decode.
+
+        `make_plan(prompt_tokens, cached_tokens)` decides the reply once the cache was consulted.
+        Close the iterator (`aclosing`) when done with it, so an abandoned generation frees its slot.
+        """
+        self.queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.queued -= 1
+        self.generating += 1
+        stored = prompt
+        try:
+            prompt_tokens = token_count(prompt)
+            cached = self.cache.fetch(prompt)
+            self._count_prompt(conversation, prompt_tokens, cached)
+            yield Started(prompt_tokens, cached)
+            rest = prompt_tokens - cached
+            async for ev in self._prefill(rest):
+                yield ev
+            plan = make_plan(prompt_tokens, cached)
+            delay = self.config.token_delay_ms / 1000
+            start = time.monotonic()
+            for i, piece in enumerate(plan.pieces):
+                await _sleep_until(start + (i + 1) * delay, i)
+                stored = prompt + plan.cells[: (i + 1) * TOKEN_BYTES]
+                yield piece
+            finished = Finished(plan.finish_reason, prompt_tokens, cached, plan.completion_tokens, plan.stop_sequence)
+            s = self.stats
+            s.completed += 1
+            s.completion_tokens += plan.completion_tokens
+            s.recent.append(
+                RequestRecord(conversation, prompt_tokens, cached, plan.completion_tokens, plan.finish_reason)
+            )
+            yield finished
+        finally:
+            self.cache.insert(stored)
+            self.generating -= 1
+            self._slots.release()
+
+    async def _prefill(self, rest: int) -> AsyncIterator[Keepalive]:
+        """Sleep `rest / prefill_tps` in steps, reporting progress like mlx's prompt progress callback."""
+        if rest <= 0:
+            return
+        tps = self.config.prefill_tps
+        step = self.config.prefill_step_size
+        yield Keepalive(0, rest)
+        done = 0
+        start = time.monotonic()
+        while done < rest:
+            done = min(rest, done + step)
+            if tps > 0:
+                await asyncio.sleep(max(0.0, start + done / tps - time.monotonic()))
+            else:
+                await asyncio.sleep(0)
+            yield Keepalive(done, rest)
+
+    def _count_prompt(self, conversation: str | None, prompt_tokens: int, cached: int) -> None:
+        s = self.stats
+        s.prompt_tokens += prompt_tokens
+        s.cached_tokens += cached
+        if conversation is None:
+            return
+        conv = s.per_conversation.get(conversation)
+        if conv is None:
+            conv = s.per_conversation[conversation] = ConversationStats()
+            s.conversations.append(conversation)
+        conv.requests += 1
+        conv.prompt_tokens += prompt_tokens
+        conv.cached_tokens += cached
+
+
+async def _sleep_until(deadline: float, i: int) -> None:
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    elif i % 32 == 0:
+        await asyncio.sleep(0)  # let other requests run even when decoding is instant

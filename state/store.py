@@ -1,0 +1,70 @@
+"""The store interface: small atomic operations on shared routing knowledge.
+
+Two backends behave the same: `state.memory.MemoryStore` (one process, the default) and
+`state.redis_store.RedisStore` (every replica shares one Redis). The policy
+(`state.policy`) decides from a snapshot; the store applies the decision atomically.
+Backends raise `state.errors.StateUnavailable` when their storage cannot be reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from state.types import Decision, Lease, NodeState, NodeView, Outcome, RouteRequest, SessionBinding
+
+
+class Store(Protocol):
+    async def route(self, request: RouteRequest) -> Decision:
+        """Choose a node for one request and apply the choice atomically.
+
+        In one step: honour a live session binding whose node is still a candidate and not far over
+        capacity (refreshing its TTL); otherwise choose by `request.strategy` (state.policy.choose_node),
+        bind the session first-writer-wins (a concurrent writer's binding wins and is used),
+        take an in-flight lease on the node, and record the prompt's blocks as held by the node.
+        """
+        ...
+
+    async def finish(self, lease: Lease, outcome: Outcome) -> None:
+        """Release an in-flight lease and record the request's outcome on its node."""
+        ...
+
+    async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> None:
+        """Push back the expiry of leases still in flight (a replica heartbeat)."""
+        ...
+
+    async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
+        """Drop blocks from a node's prefix index entry (the node showed it no longer holds them)."""
+        ...
+
+    async def unbind(self, pool: str, session: str) -> None:
+        """Remove one session binding."""
+        ...
+
+    async def remove_node(self, node_id: str) -> None:
+        """Drop everything known of a node: its bindings, prefix entries, leases, stats and state."""
+        ...
+
+    async def set_node_state(self, node_id: str, state: NodeState) -> None:
+        """Record a node's health state as every replica will see it."""
+        ...
+
+    async def node_states(self) -> dict[str, NodeState]:
+        """Health states recorded so far, by node id (nodes never recorded are absent)."""
+        ...
+
+    async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
+        """Load, bound sessions and outcome statistics of the given nodes, in the same order."""
+        ...
+
+    async def sessions(self, limit: int = 1000) -> list[SessionBinding]:
+        """Live session bindings (at most `limit`)."""
+        ...
+
+    async def ping(self) -> None:
+        """Return if the backend is reachable, else raise StateUnavailable."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
