@@ -1,7 +1,7 @@
 """Errors of the routing-knowledge layer.
 
-    StateError
-    └── StateUnavailable   the backend (Redis) could not be reached or answered with an error
+StateError
+└── StateUnavailable   the backend (Redis) could not be reached or answered with an error
 """
 
 

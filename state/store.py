@@ -16,21 +16,33 @@ from state.types import Decision, Lease, NodeState, NodeView, Outcome, RouteRequ
 
 class Store(Protocol):
     async def route(self, request: RouteRequest) -> Decision:
-        """Choose a node for one request and apply the choice atomically.
+        """Choose a node for one request and apply the choice atomically (one Redis round trip).
 
-        In one step: honour a live session binding whose node is still a candidate and not far over
-        capacity (refreshing its TTL); otherwise choose by `request.strategy` (state.policy.choose_node),
-        bind the session first-writer-wins (a concurrent writer's binding wins and is used),
-        take an in-flight lease on the node, and record the prompt's blocks as held by the node.
+        In one step: read the candidates' live in-flight leases, bound sessions and matched leading
+        blocks; for `cache-aware`, honour a live session binding whose node is still a candidate and
+        not far over capacity (refreshing its TTL); otherwise choose by `request.strategy`
+        (`state.policy.choose_node`, the single definition of the policy); bind the session to the
+        chosen node (cache-aware only; first writer wins, since the whole step is atomic); take an
+        in-flight lease (`request.lease_id`, or a new id) on it; and record the prompt's blocks as held
+        by it, so that sibling requests routed right after land there too. Raises ValueError when
+        `request.candidates` is empty.
         """
         ...
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:
-        """Release an in-flight lease and record the request's outcome on its node."""
+        """Release an in-flight lease and record the request's outcome on its node (one round trip).
+
+        Successes add their time to first token and total time to the node's recent samples; failures
+        count by `error_class` (`client_cancel` apart, as `cancelled`); token totals add up either way.
+        Releasing a lease twice, or one that expired, is harmless.
+        """
         ...
 
     async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> None:
-        """Push back the expiry of leases still in flight (a replica heartbeat)."""
+        """Push back the expiry of leases still in flight to now + ttl_ms (a replica's heartbeat).
+
+        Leases already released or expired and trimmed are not brought back.
+        """
         ...
 
     async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
@@ -58,7 +70,7 @@ class Store(Protocol):
         ...
 
     async def sessions(self, limit: int = 1000) -> list[SessionBinding]:
-        """Live session bindings (at most `limit`)."""
+        """Live session bindings (at most `limit`; an operator's view, not for the hot path)."""
         ...
 
     async def ping(self) -> None:

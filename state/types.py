@@ -6,8 +6,15 @@ Pure: no I/O. These structs are what the policy reads and what both store backen
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 import msgspec
+
+DEFAULT_SESSION_TTL_MS = 1_800_000
+DEFAULT_LEASE_TTL_MS = 60_000
+DEFAULT_PREFIX_TTL_MS = 3_600_000
+DEFAULT_BLOCK_SIZE = 1024
+DEFAULT_KEY_PREFIX = "mlxmux:"
 
 
 class NodeState(enum.StrEnum):
@@ -65,8 +72,9 @@ class RouteRequest(msgspec.Struct, frozen=True):
     strategy: Strategy = Strategy.CACHE_AWARE
     weights: CostWeights = CostWeights()
     lease_id: str = ""
-    lease_ttl_ms: int = 60_000
-    session_ttl_ms: int = 1_800_000
+    """Id of the in-flight lease to take; the store makes one up when empty."""
+    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    session_ttl_ms: int = DEFAULT_SESSION_TTL_MS
     latency_order: tuple[str, ...] = ()
     """For latency-based: candidate ids fastest first (from outcome stats)."""
     random_pick: float = 0.0
@@ -83,7 +91,9 @@ class Lease(msgspec.Struct, frozen=True):
 class Decision(msgspec.Struct, frozen=True):
     node_id: str
     reason: str
-    """Why: session, prefix, least-loaded, round-robin, latency, random, rebind-<why>."""
+    """Why (docs/routing.md): cache-aware gives `session` (binding honoured), `prefix` (best cost, holds part of
+    the prompt), `cold` (best cost, no node holds any of it), `rebind-unavailable` / `rebind-overloaded` (binding
+    moved); the other strategies give `round-robin`, `least-loaded`, `latency`, `random`."""
     matched_blocks: int
     total_blocks: int
     lease: Lease
@@ -104,8 +114,15 @@ class Outcome(msgspec.Struct, frozen=True):
 
 
 class NodeStats(msgspec.Struct, frozen=True):
+    """Outcomes recorded on one node by every replica (p50s over the most recent successes)."""
+
     ok: int = 0
     errors: int = 0
+    """Failed requests, not counting `client_cancel` (the client went away: not the node's fault)."""
+    cancelled: int = 0
+    """Requests the client abandoned (`client_cancel`)."""
+    error_classes: dict[str, int] = msgspec.field(default_factory=dict)
+    """Failures by error class, `client_cancel` included."""
     ttft_p50_ms: float | None = None
     total_p50_ms: float | None = None
     prompt_tokens: int = 0
@@ -126,3 +143,45 @@ class SessionBinding(msgspec.Struct, frozen=True):
     session: str
     node_id: str
     ttl_ms: int
+
+
+class RoutingLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Store-wide knobs with their defaults (`state.open_store(url, **limits)`).
+
+    Session and lease TTLs travel with each `RouteRequest` / `Store.renew` call; the two fields here are
+    the defaults a caller should put there.
+    """
+
+    session_ttl_ms: int = DEFAULT_SESSION_TTL_MS
+    """An idle session binding lapses after this long (refreshed by every routed request of the session)."""
+    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    """An in-flight lease lapses this long after it was taken or last renewed (renew every third of it)."""
+    prefix_ttl_ms: int = DEFAULT_PREFIX_TTL_MS
+    """A prefix-index entry (node holds block) lapses when not routed to for this long."""
+    max_blocks_per_node: int = 4096
+    """Prefix-index entries kept per node, least recently routed dropped first. Size it to the node's cache:
+    cache_slots x typical prompt blocks (10 x ~400 blocks of 1 KiB for Claude Code)."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    """Bytes of prompt per hashed block (state.prefix.block_hashes)."""
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    """Prefix of every Redis key (docs/redis-keys.md)."""
+    latency_samples: int = 100
+    """Recent time-to-first-token and total-time samples kept per node for the p50s."""
+    redis_timeout_ms: int = 1000
+    """Connect and read timeout for Redis: past it the store raises StateUnavailable (callers route locally)."""
+
+    def __post_init__(self) -> None:
+        for name in ("session_ttl_ms", "lease_ttl_ms", "prefix_ttl_ms", "max_blocks_per_node", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.latency_samples < 1 or self.redis_timeout_ms < 1:
+            raise ValueError("latency_samples and redis_timeout_ms must be at least 1")
+
+
+def median(samples: Sequence[float]) -> float | None:
+    """The p50 of recent samples (None when there are none)."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

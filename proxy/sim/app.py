@@ -4,14 +4,16 @@ Routes (matched exactly, query string included, as mlx's `BaseHTTPRequestHandler
 
 - `POST /v1/chat/completions` (and `/chat/completions`), `POST /v1/completions`;
 - `GET /v1/models` (and `/v1/models/<id>`), `GET /health`;
-- `POST /v1/messages` only with `anthropic=True`;
+- only with `anthropic=True`: `POST /v1/messages` and `/v1/messages/count_tokens` (query ignored) and a
+  200 for Claude Code's `HEAD /` probe;
 - `GET /_sim/stats`, `GET|POST /_sim/faults`, `POST /_sim/reset`: the simulator's own controls;
 - any other path: 404 `Not Found`; methods other than GET/POST/OPTIONS: 501.
 
-Errors as mlx gives them: bad JSON 400 `{"error": ...}`; an unknown `model` 404 `{"error": ...}`;
-template failures (non-text content, tool-call arguments that are not a JSON string) 500; invalid
-parameters (e.g. negative `max_tokens`, `stream` not a boolean, no `messages`) close the connection
-with no response at all.
+Errors as mlx gives them: bad JSON 400 `{"error": ...}`; an unknown `model` and template failures
+(non-text content, tool-call arguments that are not a JSON string) 404 `{"error": ...}` (mlx-lm's
+long-standing answer to any failure in loading or tokenizing; its newest server.py says 500 instead);
+invalid parameters (e.g. negative `max_tokens`, `stream` not a boolean, no `messages`) close the
+connection with no response at all.
 
 The app is plain ASGI (not wrapped in Starlette's middleware) on purpose: closing a connection with no
 response, or mid-body, needs the server's transport, which uvicorn exposes on its `send` callable. Under
@@ -24,13 +26,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import msgspec
 from starlette.types import Receive, Scope, Send
 
 from proxy.sim import chat, messages
+from proxy.sim.asgi import (
+    CORS,
+    DropConnection,
+    ResponseEnded,
+    close_transport,
+    drop,
+    read_body,
+    send_response,
+    wait_disconnect,
+)
+from proxy.sim.cache import token_count
 from proxy.sim.config import SimConfig
 from proxy.sim.engine import Finished, Keepalive, SimNode, Started
 from proxy.sim.faults import Faults, RequestFaults
@@ -48,66 +61,17 @@ from proxy.sim.script import Piece, TokenPlan, plan_tokens, write_reply
 
 CONVERSATION_HEADER = b"x-sim-conversation"
 Planner = Callable[[int, int], TokenPlan]
-CORS = [
-    (b"access-control-allow-origin", b"*"),
-    (b"access-control-allow-methods", b"*"),
-    (b"access-control-allow-headers", b"*"),
-]
-
-
-class DropConnection(Exception):
-    """Close the client's connection now, with whatever was sent so far (mlx's failure modes)."""
-
-
-class ResponseEnded(Exception):
-    """The response was ended early on purpose (a fault); stop generating."""
 
 
 class Responder(Protocol):
     stream: bool
 
-    @property
-    def media_type(self) -> str: ...
     def started(self, ev: Started) -> list[bytes]: ...
     def keepalive(self, ev: Keepalive) -> bytes: ...
     def piece(self, p: Piece) -> list[bytes]: ...
     def finished(self, f: Finished) -> list[bytes]: ...
     def body(self, f: Finished) -> bytes: ...
     def garbage(self) -> bytes: ...
-
-
-async def _send_response(
-    send: Send, status: int, body: bytes, content_type: bytes = b"application/json", cors: bool = True
-) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (CORS if cors else [])})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _drop(send: Send, receive: Receive) -> None:
-    """Close the TCP connection under this request (uvicorn only) and wait until the server notices."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None or not hasattr(transport, "close"):
-        raise RuntimeError("sim fault: cannot close the connection under this server")
-    transport.close()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(_wait_disconnect(receive), 2.0)
 
 
 class SimApp:
@@ -134,15 +98,21 @@ class SimApp:
         full = path + ("?" + query.decode("latin-1") if query else "")
         if path.startswith("/_sim/"):
             await self._control(method, path, receive, send)
+        elif self.config.anthropic and path.startswith("/v1/messages") and method == "POST":
+            # Native Anthropic servers ignore the query (Claude Code sends `?beta=true`).
+            if path == "/v1/messages":
+                await self._inference("messages", scope, receive, send)
+            elif path == "/v1/messages/count_tokens":
+                await self._count_tokens(receive, send)
+            else:
+                await send_response(send, 404, messages.error_body(404, f"no route {path}"))
+        elif self.config.anthropic and method == "HEAD" and path in ("/", "/api/hello"):
+            await send({"type": "http.response.start", "status": 200, "headers": []})  # Claude Code's probe
+            await send({"type": "http.response.body", "body": b""})
         elif method == "POST":
-            kind = {
-                "/v1/chat/completions": "chat",
-                "/chat/completions": "chat",
-                "/v1/completions": "text",
-                "/v1/messages": "messages" if self.config.anthropic else None,
-            }.get(full)
+            kind = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/completions": "text"}.get(full)
             if kind is None:
-                await _send_response(send, 404, b"Not Found")
+                await send_response(send, 404, b"Not Found")
             else:
                 await self._inference(kind, scope, receive, send)
         elif method == "GET":
@@ -151,13 +121,13 @@ class SimApp:
             elif full == "/health":
                 await self._health(send)
             else:
-                await _send_response(send, 404, b"Not Found")
+                await send_response(send, 404, b"Not Found")
         elif method == "OPTIONS":
             await send({"type": "http.response.start", "status": 204, "headers": CORS})
             await send({"type": "http.response.body", "body": b""})
         else:
             body = f"Unsupported method ({method!r})".encode()
-            await _send_response(send, 501, body, b"text/plain; charset=utf-8", cors=False)
+            await send_response(send, 501, body, b"text/plain; charset=utf-8", cors=False)
 
     # --- plain endpoints -------------------------------------------------------------------------------------
 
@@ -165,34 +135,46 @@ class SimApp:
         wanted = full[len("/v1/models/") :] if full.startswith("/v1/models/") else None
         model = {"id": self.config.model, "object": "model", "created": int(time.time())}
         data = [model] if wanted in (None, "", self.config.model) else []
-        await _send_response(send, 200, msgspec.json.encode({"object": "list", "data": data}))
+        await send_response(send, 200, msgspec.json.encode({"object": "list", "data": data}))
+
+    async def _count_tokens(self, receive: Receive, send: Send) -> None:
+        raw = await read_body(receive)
+        try:
+            body = msgspec.json.decode(raw or b"")
+            if not isinstance(body, dict):
+                raise TemplateError("the body must be a JSON object")
+            tokens = token_count(render_prompt(messages.messages_conversation(body)))
+        except (msgspec.DecodeError, TemplateError) as exc:
+            await send_response(send, 400, messages.error_body(400, str(exc)))
+            return
+        await send_response(send, 200, msgspec.json.encode({"input_tokens": tokens}))
 
     async def _health(self, send: Send) -> None:
         status = self.node.faults.current.health_status
         body = b'{"status": "ok"}' if status == 200 else b'{"error": "sim fault: health check failing"}'
-        await _send_response(send, status, body)
+        await send_response(send, status, body)
 
     async def _control(self, method: str, path: str, receive: Receive, send: Send) -> None:
         node = self.node
         if path == "/_sim/stats" and method == "GET":
-            await _send_response(send, 200, msgspec.json.encode(node.view()))
+            await send_response(send, 200, msgspec.json.encode(node.view()))
         elif path == "/_sim/faults" and method == "GET":
-            await _send_response(send, 200, msgspec.json.encode(node.faults.current))
+            await send_response(send, 200, msgspec.json.encode(node.faults.current))
         elif path == "/_sim/faults" and method == "POST":
-            raw = await _read_body(receive)
+            raw = await read_body(receive)
             try:
                 faults = msgspec.json.decode(raw or b"{}", type=Faults)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                await _send_response(send, 400, msgspec.json.encode({"error": str(exc)}))
+                await send_response(send, 400, msgspec.json.encode({"error": str(exc)}))
                 return
             node.faults.set(faults)
-            await _send_response(send, 200, msgspec.json.encode(faults))
+            await send_response(send, 200, msgspec.json.encode(faults))
         elif path == "/_sim/reset" and method == "POST":
-            await _read_body(receive)
+            await read_body(receive)
             node.reset()
-            await _send_response(send, 200, b'{"status": "reset"}')
+            await send_response(send, 200, b'{"status": "reset"}')
         else:
-            await _send_response(send, 404, b"Not Found")
+            await send_response(send, 404, b"Not Found")
 
     # --- inference ----------------------------------------------------------------------------------------------
 
@@ -202,38 +184,47 @@ class SimApp:
         node.stats.requests += 1
         conversation = next((v.decode() for k, v in scope["headers"] if k == CONVERSATION_HEADER), None)
         try:
-            raw = await _read_body(receive)
+            raw = await read_body(receive)
             if raw is None:
                 node.stats.disconnects += 1
                 return
-            faults = node.faults.take()
-            task = asyncio.ensure_future(self._serve(kind, raw, faults, conversation, send))
-            watcher = asyncio.ensure_future(_wait_disconnect(receive))
-            try:
-                await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not task.done():
-                    node.stats.disconnects += 1
-                    task.cancel()
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-                except ResponseEnded:
-                    node.stats.errors += 1
-                except DropConnection:
-                    node.stats.errors += 1
-                    await _drop(send, receive)
+            await self._watched(self._serve(kind, raw, node.faults.take(), conversation, send), receive, send)
+        except asyncio.CancelledError:
+            # Only the server cancels a request: it is shutting down and the grace period is over (a hung
+            # request). Hang up quietly instead of leaving a traceback in the log.
+            if close_transport(send):
+                await asyncio.sleep(0)  # let the server see the connection go
         finally:
             node.active -= 1
+
+    async def _watched(self, serve: Coroutine[Any, Any, None], receive: Receive, send: Send) -> None:
+        """Run `serve` until it ends or the client goes away (then cancel it: that frees the slot)."""
+        stats = self.node.stats
+        task = asyncio.ensure_future(serve)
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                stats.disconnects += 1
+                task.cancel()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except ResponseEnded:
+                stats.errors += 1
+            except DropConnection:
+                stats.errors += 1
+                await drop(send, receive)
 
     async def _error(self, send: Send, kind: str, status: int, message: str) -> None:
         self.node.stats.errors += 1
         body = messages.error_body(status, message) if kind == "messages" else msgspec.json.encode({"error": message})
-        await _send_response(send, status, body)
+        await send_response(send, status, body)
 
     async def _serve(self, kind: str, raw: bytes, faults: RequestFaults, conversation: str | None, send: Send) -> None:
         """Everything after the body was read; runs as a task that is cancelled if the client leaves."""
@@ -271,7 +262,7 @@ class SimApp:
                 conv = Conversation((), (), ())
                 prompt = text_cells(str(body["prompt"]))
         except TemplateError as exc:
-            await self._error(send, kind, 500, str(exc))
+            await self._error(send, kind, 404, str(exc))
             return
         stream = bool(body.get("stream", False))
         responder = chat.ChatResponder(
@@ -362,7 +353,7 @@ class SimApp:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 else:
                     body = responder.garbage() if faults.garbage else responder.body(ev)
-                    await _send_response(send, 200, body)
+                    await send_response(send, 200, body)
         finally:
             await events.aclose()
 
@@ -370,22 +361,22 @@ class SimApp:
 def build_sim_app(config: SimConfig) -> SimApp:
     """The ASGI app of one simulated mlx_lm.server node.
 
-    Several nodes can share one process and event loop, e.g. for `mlxmux demo`::
+    Several nodes can share one process and event loop (e.g. `mlxmux demo`), each with its own cache,
+    slots, faults and counters; nothing is global::
 
-        import asyncio, uvicorn
-        from proxy.sim.app import build_sim_app
+        from proxy.sim.cli import make_server, serve_many
         from proxy.sim.config import SimConfig
 
-        async def main() -> None:
-            configs = [SimConfig(port=p, node_id=f"mac-{i}") for i, p in enumerate((8081, 8082))]
-            servers = [
-                uvicorn.Server(uvicorn.Config(build_sim_app(c), host=c.host, port=c.port,
-                                              log_level="warning", access_log=False))
-                for c in configs
-            ]
-            await asyncio.gather(*(s.serve() for s in servers))
+        configs = [SimConfig(port=p, node_id=f"mac-{i}") for i, p in enumerate((8081, 8082))]
+        await serve_many(configs)  # until SIGINT/SIGTERM, or pass stop=asyncio.Event()
 
-    (`proxy.sim.cli.serve_many(configs)` does exactly that.) Each app keeps its own cache, slots,
-    faults and counters; nothing is global.
+        # or, next to other servers under your own signal handling:
+        servers = [make_server(c, capture_signals=False) for c in configs]
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        ...
+        for s in servers:
+            s.should_exit = True
+
+    (Plain `uvicorn.Server`s each install signal handlers; several in one loop stop one by one.)
     """
     return SimApp(config)

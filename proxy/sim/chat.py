@@ -60,10 +60,6 @@ class ChatResponder:
         self._reasoning: list[str] = []
         self._tool_calls: list[dict[str, Any]] = []
 
-    @property
-    def media_type(self) -> str:
-        return "text/event-stream" if self.stream else "application/json"
-
     def started(self, ev: Started) -> list[bytes]:
         return []
 
@@ -143,9 +139,6 @@ class ChatResponder:
         response = self._response(f.finish_reason, "".join(self._content), "".join(self._reasoning), self._tool_calls)
         response["usage"] = usage(f)
         return _encode(response)
-
-    def error_body(self, status: int, message: str) -> bytes:
-        return _encode({"error": message})
 
     def garbage(self) -> bytes:
         return GARBAGE if self.stream else b"<html><body>sim garbage: not JSON</body></html>"

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 
@@ -31,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--id", dest="node_id", default="", help="node id named in replies (default sim-<port>)")
+    p.add_argument("--id", dest="node_id", metavar="ID", default="", help="node id in replies (default sim-<port>)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model id served (default {DEFAULT_MODEL})")
     p.add_argument("--prompt-cache-size", type=int, default=10, help="LRU prompt cache entries (default 10)")
     p.add_argument("--prefill-tps", type=float, default=4000.0, help="prefill tokens/s, 0 = instant (default 4000)")
@@ -86,9 +88,22 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     )
 
 
-def make_server(config: SimConfig) -> uvicorn.Server:
-    """A uvicorn server for one sim node (not started): `await server.serve()`."""
-    return uvicorn.Server(
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signals alone (its owner stops it with `should_exit = True`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def make_server(config: SimConfig, *, capture_signals: bool = True) -> uvicorn.Server:
+    """A uvicorn server for one sim node, not started: `await server.serve()`, stop with `should_exit = True`.
+
+    With `capture_signals=False` the server does not install SIGINT/SIGTERM handlers, so several servers
+    (and a gateway) can share one event loop under one owner's signal handling.
+    """
+    cls = uvicorn.Server if capture_signals else _QuietServer
+    return cls(
         uvicorn.Config(
             build_sim_app(config),
             host=config.host,
@@ -103,9 +118,33 @@ def make_server(config: SimConfig) -> uvicorn.Server:
     )
 
 
-async def serve_many(configs: Sequence[SimConfig]) -> None:
-    """Run several sim nodes in this process, on the running event loop, until they are stopped."""
-    await asyncio.gather(*(make_server(c).serve() for c in configs))
+async def serve_many(configs: Sequence[SimConfig], stop: asyncio.Event | None = None) -> None:
+    """Run several sim nodes on the running event loop until `stop` is set (default: SIGINT or SIGTERM).
+
+    Returns once every node has shut down; a Ctrl-C is handled here, not re-raised.
+    """
+    servers = [make_server(c, capture_signals=False) for c in configs]
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    own_signals = stop is None
+    stop = stop or asyncio.Event()
+    if own_signals:
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+
+    async def stopper() -> None:
+        await stop.wait()
+        for server in servers:
+            server.should_exit = True
+
+    watcher = asyncio.ensure_future(stopper())
+    try:
+        await asyncio.gather(*(s.serve() for s in servers))
+    finally:
+        watcher.cancel()
+        if own_signals:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
 
 def main(argv: list[str] | None = None) -> int:

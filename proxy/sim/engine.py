@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 
@@ -157,51 +157,44 @@ class SimNode:
         finally:
             self.queued -= 1
         self.generating += 1
-        stored = prompt
+        prompt_tokens = token_count(prompt)
+        processed = 0  # prompt tokens in the KV cache so far
+        plan: TokenPlan | None = None
+        generated = 0
         try:
-            prompt_tokens = token_count(prompt)
-            cached = self.cache.fetch(prompt)
+            cached = processed = self.cache.fetch(prompt)
             self._count_prompt(conversation, prompt_tokens, cached)
             yield Started(prompt_tokens, cached)
             rest = prompt_tokens - cached
-            async for ev in self._prefill(rest):
-                yield ev
+            tps = self.config.prefill_tps
+            start = time.monotonic()
+            for done in _prefill_steps(rest, self.config.prefill_step_size):
+                if done:
+                    await _sleep_until(start + done / tps if tps > 0 else 0.0, 0)
+                processed = cached + done
+                yield Keepalive(done, rest)
+            processed = prompt_tokens
             plan = make_plan(prompt_tokens, cached)
             delay = self.config.token_delay_ms / 1000
             start = time.monotonic()
-            for i, piece in enumerate(plan.pieces):
-                await _sleep_until(start + (i + 1) * delay, i)
-                stored = prompt + plan.cells[: (i + 1) * TOKEN_BYTES]
+            for piece in plan.pieces:
+                await _sleep_until(start + (generated + 1) * delay, generated)
+                generated += 1
                 yield piece
-            finished = Finished(plan.finish_reason, prompt_tokens, cached, plan.completion_tokens, plan.stop_sequence)
             s = self.stats
             s.completed += 1
             s.completion_tokens += plan.completion_tokens
             s.recent.append(
                 RequestRecord(conversation, prompt_tokens, cached, plan.completion_tokens, plan.finish_reason)
             )
-            yield finished
+            yield Finished(plan.finish_reason, prompt_tokens, cached, plan.completion_tokens, plan.stop_sequence)
         finally:
-            self.cache.insert(stored)
+            # Like mlx, keep what was computed (prompt + generated tokens), even when the request ended early.
+            if processed:
+                tail = plan.cells[: generated * TOKEN_BYTES] if plan is not None else b""
+                self.cache.insert(prompt[: processed * TOKEN_BYTES] + tail)
             self.generating -= 1
             self._slots.release()
-
-    async def _prefill(self, rest: int) -> AsyncIterator[Keepalive]:
-        """Sleep `rest / prefill_tps` in steps, reporting progress like mlx's prompt progress callback."""
-        if rest <= 0:
-            return
-        tps = self.config.prefill_tps
-        step = self.config.prefill_step_size
-        yield Keepalive(0, rest)
-        done = 0
-        start = time.monotonic()
-        while done < rest:
-            done = min(rest, done + step)
-            if tps > 0:
-                await asyncio.sleep(max(0.0, start + done / tps - time.monotonic()))
-            else:
-                await asyncio.sleep(0)
-            yield Keepalive(done, rest)
 
     def _count_prompt(self, conversation: str | None, prompt_tokens: int, cached: int) -> None:
         s = self.stats
@@ -216,6 +209,13 @@ class SimNode:
         conv.requests += 1
         conv.prompt_tokens += prompt_tokens
         conv.cached_tokens += cached
+
+
+def _prefill_steps(rest: int, step: int) -> list[int]:
+    """Progress points of a prefill of `rest` tokens, as mlx reports them: 0, each step, then all."""
+    if rest <= 0:
+        return []
+    return [0, *range(step, rest, step), rest]
 
 
 async def _sleep_until(deadline: float, i: int) -> None:

@@ -104,10 +104,6 @@ class MessagesResponder:
         self._open: str | None = None  # kind of the open streaming block
         self._started: Started | None = None
 
-    @property
-    def media_type(self) -> str:
-        return "text/event-stream" if self.stream else "application/json"
-
     def _usage(self, prompt: int, cached: int, output: int) -> dict[str, int]:
         return {
             "input_tokens": prompt - cached,
@@ -201,9 +197,6 @@ class MessagesResponder:
                 "usage": self._usage(f.prompt_tokens, f.cached_tokens, f.completion_tokens),
             }
         )
-
-    def error_body(self, status: int, message: str) -> bytes:
-        return error_body(status, message)
 
     def garbage(self) -> bytes:
         return b"event: message_start\ndata: <sim garbage> not JSON {\n\n" if self.stream else b"<sim garbage>"

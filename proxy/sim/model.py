@@ -58,7 +58,7 @@ class Conversation(msgspec.Struct, frozen=True):
 
 
 class TemplateError(Exception):
-    """The request cannot be rendered (mlx_lm.server answers these with HTTP 500 and `{"error": ...}`)."""
+    """The request cannot be rendered (mlx_lm.server answers with an HTTP error and `{"error": ...}`)."""
 
 
 def text_cells(text: str) -> bytes:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from proxy.sim.cache import TOKEN_BYTES
+from proxy.sim.cache import TOKEN_BYTES, token_count
 from proxy.sim.model import Conversation, Message, SegmentKind, ToolCall, canonical_json, generated_cells
 
 QUOTE_CHARS = 200
@@ -32,7 +32,7 @@ _FILLER = (
 )
 _WORDS = _FILLER.split(" ")
 _TOOL_DIRECTIVE = re.compile(r"/tool\s+([A-Za-z0-9_.:\-]+)")
-_RUN_DIRECTIVE = re.compile(r"(?:^|(?<=\s))run:[ \t]*(\S[^\n]*)")
+_RUN_DIRECTIVE = re.compile(r"\brun:[ \t]*(\S[^\n]*)")
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -163,17 +163,17 @@ def plan_tokens(reply: Reply, *, max_tokens: int, stop: Sequence[str] = ()) -> T
         text = reply.reasoning if kind == "reasoning" else reply.content
         seg_pieces = _segment_pieces(kind, seg, text, next(calls) if kind == "tool" else None)
         if kind == "content" and stop_at is not None:
-            # Generate up to the token that completes the stop sequence, then show only the text before it.
-            i, s = stop_at
-            end = -(-len(reply.content[: i + len(s)].encode("utf-8")) // TOKEN_BYTES)
-            seg, budget, kept = seg[: end * TOKEN_BYTES], i, []
+            # Generate up to the token that completes the stop sequence; show only the text before it.
+            at, word = stop_at
+            end = token_count(reply.content[: at + len(word)].encode("utf-8"))
+            budget = at  # characters of content still to show
             for p in seg_pieces[:end]:
-                kept.append(Piece("content", p.text[:budget]))
-                budget -= len(kept[-1].text)
-            cells.append(seg)
-            pieces += kept
+                shown = p.text[:budget]
+                budget -= len(shown)
+                pieces.append(Piece("content", shown))
+            cells.append(seg[: end * TOKEN_BYTES])
             if len(pieces) <= max_tokens:
-                return TokenPlan(b"".join(cells), tuple(pieces), "stop", s)
+                return TokenPlan(b"".join(cells), tuple(pieces), "stop", word)
             break
         cells.append(seg)
         pieces += seg_pieces

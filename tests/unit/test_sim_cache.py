@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -161,14 +162,14 @@ def test_fast_on_20k_token_prompts() -> None:
 # --- what the cache sees: rendering across turns -------------------------------------------------------------
 
 
-def _chat(messages: list[dict[str, object]], tools: list[dict[str, object]] | None = None) -> Conversation:
+def _chat(messages: list[Any], tools: list[Any] | None = None) -> Conversation:
     return chat_conversation({"messages": messages, "tools": tools or []})
 
 
-TOOLS = [{"type": "function", "function": {"name": "Read", "parameters": {"type": "object"}}}]
+TOOLS: list[Any] = [{"type": "function", "function": {"name": "Read", "parameters": {"type": "object"}}}]
 
 
-@pytest.mark.parametrize("user", ["hello", "héllo wörld ✓", "/tool Read {\"file_path\": \"/a\"}"])
+@pytest.mark.parametrize("user", ["hello", "héllo wörld ✓", '/tool Read {"file_path": "/a"}'])
 def test_next_turn_starts_with_prompt_plus_generated_tokens(user: str) -> None:
     first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": user}]
     conv = _chat(first, TOOLS)

@@ -1,0 +1,108 @@
+"""Every Redis key of mlxmux, in one place (docs/redis-keys.md documents each for redis-cli users).
+
+All keys start with the configured prefix (`mlxmux:` by default):
+
+    {prefix}session:{pool}:{session}   STRING  node id the session is bound to (TTL: session TTL)
+    {prefix}node:{node}:sessions       ZSET    "{pool}:{session}" -> binding expiry ms (counts bound sessions)
+    {prefix}node:{node}:leases         ZSET    lease id -> lease expiry ms (counts in-flight requests)
+    {prefix}node:{node}:blocks         ZSET    block hash -> LRU rank (the node's prefix index, capped)
+    {prefix}node:{node}:stats          HASH    outcome counters and token totals
+    {prefix}node:{node}:ttft           LIST    recent time-to-first-token samples, ms (capped)
+    {prefix}node:{node}:total          LIST    recent total-time samples, ms (capped)
+    {prefix}block:{hash}               HASH    node id -> last time routed there, ms (TTL: prefix TTL)
+    {prefix}rr:{pool}                  STRING  round-robin counter of the pool
+    {prefix}node-states                HASH    node id -> health state
+
+`{pool}` has `%` and `:` percent-escaped, so `{pool}:{session}` splits unambiguously at its first colon.
+Node ids are used as they are: every node key ends in a fixed kind name, which keeps them apart.
+The Lua scripts that must build keys at run time get them from `lua_prelude()`, built from these
+constants, so this module stays the only place that spells a key.
+"""
+
+from __future__ import annotations
+
+SESSION = "session:"
+NODE = "node:"
+BLOCK = "block:"
+RR = "rr:"
+NODE_STATES = "node-states"
+
+# kinds of per-node keys: {prefix}node:{node}:{kind}
+SESSIONS = "sessions"
+LEASES = "leases"
+BLOCKS = "blocks"
+STATS = "stats"
+TTFT = "ttft"
+TOTAL = "total"
+NODE_KINDS = (SESSIONS, LEASES, BLOCKS, STATS, TTFT, TOTAL)
+
+# fields of {prefix}node:{node}:stats
+OK = "ok"
+ERRORS = "errors"
+CANCELLED = "cancelled"
+ERROR_CLASS = "error:"
+"""Prefix of the per-class failure counters, e.g. `error:timeout`."""
+PROMPT_TOKENS = "prompt_tokens"
+CACHED_TOKENS = "cached_tokens"
+CLIENT_CANCEL = "client_cancel"
+"""The error class of a request its client abandoned: counted apart, not against the node."""
+
+
+def escape_pool(pool: str) -> str:
+    return pool.replace("%", "%25").replace(":", "%3A")
+
+
+def unescape_pool(escaped: str) -> str:
+    return escaped.replace("%3A", ":").replace("%25", "%")
+
+
+def session_member(pool: str, session: str) -> str:
+    """`{pool}:{session}`: a binding's name inside its node's sessions index and its key's suffix."""
+    return f"{escape_pool(pool)}:{session}"
+
+
+def split_session_member(member: str) -> tuple[str, str]:
+    pool, _, session = member.partition(":")
+    return unescape_pool(pool), session
+
+
+def session_key(prefix: str, pool: str, session: str) -> str:
+    return f"{prefix}{SESSION}{session_member(pool, session)}"
+
+
+def node_key(prefix: str, node_id: str, kind: str) -> str:
+    return f"{prefix}{NODE}{node_id}:{kind}"
+
+
+def block_key(prefix: str, block: str) -> str:
+    return f"{prefix}{BLOCK}{block}"
+
+
+def rr_key(prefix: str, pool: str) -> str:
+    return f"{prefix}{RR}{escape_pool(pool)}"
+
+
+def node_states_key(prefix: str) -> str:
+    return f"{prefix}{NODE_STATES}"
+
+
+def lua_prelude() -> str:
+    """Lua prepended to the scripts that build keys at run time; ARGV[1] must be the key prefix."""
+    return f"""if redis.replicate_commands then redis.replicate_commands() end
+local P = ARGV[1]
+local function session_key(member) return P .. "{SESSION}" .. member end
+local function node_key(node, kind) return P .. "{NODE}" .. node .. ":" .. kind end
+local function block_key(block) return P .. "{BLOCK}" .. block end
+local SESSIONS, LEASES, BLOCKS = "{SESSIONS}", "{LEASES}", "{BLOCKS}"
+local STATS, TTFT, TOTAL = "{STATS}", "{TTFT}", "{TOTAL}"
+local F_OK, F_ERRORS, F_CANCELLED, F_ERROR_CLASS = "{OK}", "{ERRORS}", "{CANCELLED}", "{ERROR_CLASS}"
+local F_PROMPT_TOKENS, F_CACHED_TOKENS, CLIENT_CANCEL = "{PROMPT_TOKENS}", "{CACHED_TOKENS}", "{CLIENT_CANCEL}"
+local function now_ms()
+  local t = redis.call("TIME")
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function int(x) return string.format("%d", x) end
+local function extend_ttl(key, ttl)
+  if redis.call("PTTL", key) < ttl then redis.call("PEXPIRE", key, ttl) end
+end
+"""

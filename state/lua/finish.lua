@@ -1,0 +1,34 @@
+-- finish: release an in-flight lease and record how the request went on its node (Store.finish).
+--
+-- KEYS[1]  {P}node:{node}:leases   in-flight leases
+-- KEYS[2]  {P}node:{node}:stats    outcome counters and token totals
+-- KEYS[3]  {P}node:{node}:ttft     recent time-to-first-token samples (newest first)
+-- KEYS[4]  {P}node:{node}:total    recent total-time samples (newest first)
+-- ARGV[1]  key prefix (unused)
+-- ARGV[2]  lease id
+-- ARGV[3]  1 = ok, 0 = failed
+-- ARGV[4]  time to first token ms   ARGV[5] total ms   (samples kept only when ok)
+-- ARGV[6]  error class (when failed)
+-- ARGV[7]  prompt tokens            ARGV[8] cached prompt tokens
+-- ARGV[9]  samples kept per list
+-- returns  1 if the lease was still held, else 0
+
+local released = redis.call("ZREM", KEYS[1], ARGV[2])
+local samples = tonumber(ARGV[9])
+if ARGV[3] == "1" then
+  redis.call("HINCRBY", KEYS[2], F_OK, 1)
+  redis.call("LPUSH", KEYS[3], ARGV[4])
+  redis.call("LTRIM", KEYS[3], 0, samples - 1)
+  redis.call("LPUSH", KEYS[4], ARGV[5])
+  redis.call("LTRIM", KEYS[4], 0, samples - 1)
+else
+  redis.call("HINCRBY", KEYS[2], F_ERROR_CLASS .. ARGV[6], 1)
+  if ARGV[6] == CLIENT_CANCEL then
+    redis.call("HINCRBY", KEYS[2], F_CANCELLED, 1)
+  else
+    redis.call("HINCRBY", KEYS[2], F_ERRORS, 1)
+  end
+end
+redis.call("HINCRBY", KEYS[2], F_PROMPT_TOKENS, ARGV[7])
+redis.call("HINCRBY", KEYS[2], F_CACHED_TOKENS, ARGV[8])
+return released

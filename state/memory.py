@@ -1,0 +1,299 @@
+"""`MemoryStore`: the store of a single process (the default without Redis).
+
+Same behaviour as `RedisStore` (one contract test suite checks both). Every operation runs without
+awaiting, so each one is atomic among the coroutines of the event loop. Memory is bounded: the
+prefix index keeps at most `max_blocks_per_node` blocks per node (least recently routed dropped
+first), and expired bindings, leases and prefix entries are dropped as they are met and by a
+sweep at most once a minute.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import time
+from collections.abc import Callable, Sequence
+
+from state import keys
+from state.policy import NodeLoad, choose_node
+from state.types import (
+    Decision,
+    Lease,
+    NodeState,
+    NodeStats,
+    NodeView,
+    Outcome,
+    RouteRequest,
+    RoutingLimits,
+    SessionBinding,
+    Strategy,
+    median,
+)
+
+SWEEP_INTERVAL_MS = 60_000
+
+
+def _monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class _Stats:
+    __slots__ = ("cached_tokens", "cancelled", "error_classes", "errors", "ok", "prompt_tokens", "totals", "ttfts")
+
+    def __init__(self, samples: int) -> None:
+        self.ok = 0
+        self.errors = 0
+        self.cancelled = 0
+        self.error_classes: dict[str, int] = {}
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.ttfts: collections.deque[float] = collections.deque(maxlen=samples)
+        self.totals: collections.deque[float] = collections.deque(maxlen=samples)
+
+    def view(self) -> NodeStats:
+        return NodeStats(
+            ok=self.ok,
+            errors=self.errors,
+            cancelled=self.cancelled,
+            error_classes=dict(self.error_classes),
+            ttft_p50_ms=median(self.ttfts),
+            total_p50_ms=median(self.totals),
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+        )
+
+
+class MemoryStore:
+    """Routing knowledge of one process. `clock` returns milliseconds (monotonic by default)."""
+
+    def __init__(self, limits: RoutingLimits | None = None, *, clock: Callable[[], int] = _monotonic_ms) -> None:
+        self.limits = limits or RoutingLimits()
+        self._clock = clock
+        self._bindings: dict[tuple[str, str], tuple[str, int]] = {}
+        """(pool, session) -> (node id, expiry ms)"""
+        self._node_sessions: dict[str, dict[tuple[str, str], int]] = {}
+        """node id -> (pool, session) -> binding expiry ms"""
+        self._leases: dict[str, dict[str, int]] = {}
+        """node id -> lease id -> expiry ms"""
+        self._block_nodes: dict[str, dict[str, int]] = {}
+        """block hash -> node id -> last routed ms"""
+        self._node_blocks: dict[str, collections.OrderedDict[str, int]] = {}
+        """node id -> block hash -> last routed ms, least recently routed first"""
+        self._rr: dict[str, int] = {}
+        self._stats: dict[str, _Stats] = {}
+        self._states: dict[str, NodeState] = {}
+        self._last_sweep = clock()
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    async def route(self, request: RouteRequest) -> Decision:
+        now = self._clock()
+        self._maybe_sweep(now)
+        loads: dict[str, NodeLoad] = {}
+        for c in request.candidates:
+            loads[c.node_id] = NodeLoad(self._live_leases(c.node_id, now), self._live_sessions(c.node_id, now), 0)
+        self._match(request, loads, now)
+
+        binding: str | None = None
+        key = (request.pool, request.session or "")
+        if request.session and request.strategy is Strategy.CACHE_AWARE:
+            entry = self._bindings.get(key)
+            if entry is not None and entry[1] > now:
+                binding = entry[0]
+        turn = 0
+        if request.strategy is Strategy.ROUND_ROBIN:
+            turn = self._rr.get(request.pool, 0)
+            self._rr[request.pool] = turn + 1
+
+        choice = choose_node(request, loads, binding, turn=turn)
+        node = choice.node_id
+        if choice.bind:
+            if binding is not None and binding != node:
+                self._node_sessions.get(binding, {}).pop(key, None)
+            expiry = now + request.session_ttl_ms
+            self._bindings[key] = (node, expiry)
+            self._node_sessions.setdefault(node, {})[key] = expiry
+        lease_id = request.lease_id or secrets.token_hex(8)
+        self._leases.setdefault(node, {})[lease_id] = now + request.lease_ttl_ms
+        self._record(node, request.blocks, now)
+        return Decision(
+            node_id=node,
+            reason=choice.reason,
+            matched_blocks=choice.matched_blocks,
+            total_blocks=len(request.blocks),
+            lease=Lease(node, lease_id),
+            bound=choice.bind,
+        )
+
+    async def finish(self, lease: Lease, outcome: Outcome) -> None:
+        self._leases.get(lease.node_id, {}).pop(lease.lease_id, None)
+        stats = self._stats.get(lease.node_id)
+        if stats is None:
+            stats = self._stats[lease.node_id] = _Stats(self.limits.latency_samples)
+        if outcome.ok:
+            stats.ok += 1
+            stats.ttfts.appendleft(float(outcome.ttft_ms))
+            stats.totals.appendleft(float(outcome.total_ms))
+        else:
+            error_class = outcome.error_class or "unknown"
+            stats.error_classes[error_class] = stats.error_classes.get(error_class, 0) + 1
+            if error_class == keys.CLIENT_CANCEL:
+                stats.cancelled += 1
+            else:
+                stats.errors += 1
+        stats.prompt_tokens += outcome.prompt_tokens
+        stats.cached_tokens += outcome.cached_tokens
+
+    async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> None:
+        expiry = self._clock() + ttl_ms
+        for lease in leases:
+            held = self._leases.get(lease.node_id)
+            if held is not None and lease.lease_id in held:
+                held[lease.lease_id] = expiry
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
+        lru = self._node_blocks.get(node_id)
+        for block in blocks:
+            self._drop_block(node_id, block)
+            if lru is not None:
+                lru.pop(block, None)
+
+    async def unbind(self, pool: str, session: str) -> None:
+        entry = self._bindings.pop((pool, session), None)
+        if entry is not None:
+            self._node_sessions.get(entry[0], {}).pop((pool, session), None)
+
+    async def remove_node(self, node_id: str) -> None:
+        for key in self._node_sessions.pop(node_id, {}):
+            entry = self._bindings.get(key)
+            if entry is not None and entry[0] == node_id:
+                del self._bindings[key]
+        for block in self._node_blocks.pop(node_id, {}):
+            self._drop_block(node_id, block)
+        self._leases.pop(node_id, None)
+        self._stats.pop(node_id, None)
+        self._states.pop(node_id, None)
+
+    async def set_node_state(self, node_id: str, state: NodeState) -> None:
+        self._states[node_id] = state
+
+    async def node_states(self) -> dict[str, NodeState]:
+        return dict(self._states)
+
+    async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
+        now = self._clock()
+        views = []
+        for node_id in node_ids:
+            stats = self._stats.get(node_id)
+            views.append(
+                NodeView(
+                    node_id=node_id,
+                    inflight=self._live_leases(node_id, now),
+                    sessions=self._live_sessions(node_id, now),
+                    stats=stats.view() if stats is not None else NodeStats(),
+                )
+            )
+        return views
+
+    async def sessions(self, limit: int = 1000) -> list[SessionBinding]:
+        now = self._clock()
+        live = [
+            SessionBinding(pool=pool, session=session, node_id=node, ttl_ms=expiry - now)
+            for (pool, session), (node, expiry) in self._bindings.items()
+            if expiry > now
+        ]
+        return live[:limit]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _live_leases(self, node_id: str, now: int) -> int:
+        held = self._leases.get(node_id)
+        if not held:
+            return 0
+        for lease_id in [lease for lease, expiry in held.items() if expiry <= now]:
+            del held[lease_id]
+        return len(held)
+
+    def _live_sessions(self, node_id: str, now: int) -> int:
+        bound = self._node_sessions.get(node_id)
+        if not bound:
+            return 0
+        for key in [key for key, expiry in bound.items() if expiry <= now]:
+            del bound[key]
+            entry = self._bindings.get(key)
+            if entry is not None and entry[0] == node_id and entry[1] <= now:
+                del self._bindings[key]
+        return len(bound)
+
+    def _match(self, request: RouteRequest, loads: dict[str, NodeLoad], now: int) -> None:
+        """Fill in each candidate's run of leading blocks it is known to hold (fresh entries only)."""
+        fresh_after = now - self.limits.prefix_ttl_ms
+        alive = [c.node_id for c in request.candidates]
+        for depth, block in enumerate(request.blocks, start=1):
+            if not alive:
+                break
+            holders = self._block_nodes.get(block, {})
+            still = []
+            for node in alive:
+                seen = holders.get(node)
+                if seen is not None and seen > fresh_after:
+                    loads[node] = NodeLoad(loads[node].inflight, loads[node].sessions, depth)
+                    still.append(node)
+            alive = still
+
+    def _record(self, node_id: str, blocks: Sequence[str], now: int) -> None:
+        """Predicted placement: the node will hold these blocks once it has served the request."""
+        if not blocks:
+            return
+        lru = self._node_blocks.setdefault(node_id, collections.OrderedDict())
+        # The first block ends up most recent, so trimming eats a prompt from its tail.
+        for block in reversed(blocks):
+            lru[block] = now
+            lru.move_to_end(block)
+            self._block_nodes.setdefault(block, {})[node_id] = now
+        self._expire_blocks(node_id, lru, now)
+        while len(lru) > self.limits.max_blocks_per_node:
+            block, _ = lru.popitem(last=False)
+            self._drop_block(node_id, block)
+
+    def _expire_blocks(self, node_id: str, lru: collections.OrderedDict[str, int], now: int) -> None:
+        cutoff = now - self.limits.prefix_ttl_ms
+        while lru:
+            block, seen = next(iter(lru.items()))
+            if seen > cutoff:
+                break
+            lru.popitem(last=False)
+            self._drop_block(node_id, block)
+
+    def _drop_block(self, node_id: str, block: str) -> None:
+        holders = self._block_nodes.get(block)
+        if holders is not None:
+            holders.pop(node_id, None)
+            if not holders:
+                del self._block_nodes[block]
+
+    def _maybe_sweep(self, now: int) -> None:
+        """Drop everything expired, including what belongs to nodes no longer routed to."""
+        if now - self._last_sweep < SWEEP_INTERVAL_MS:
+            return
+        self._last_sweep = now
+        for node_id in list(self._leases):
+            if not self._live_leases(node_id, now):
+                del self._leases[node_id]
+        for node_id in list(self._node_sessions):
+            if not self._live_sessions(node_id, now):
+                del self._node_sessions[node_id]
+        for key in [key for key, (_, expiry) in self._bindings.items() if expiry <= now]:
+            del self._bindings[key]
+        for node_id, lru in list(self._node_blocks.items()):
+            self._expire_blocks(node_id, lru, now)
+            if not lru:
+                del self._node_blocks[node_id]

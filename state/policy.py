@@ -1,0 +1,163 @@
+"""The routing policy: which candidate serves a request, decided from a snapshot. Pure, no I/O.
+
+This is the single source of truth for routing. `MemoryStore` calls `choose_node` directly;
+`state/lua/route.lua` mirrors it line for line so that Redis decides in one round trip, and a
+randomized contract test (tests/contract/test_agreement.py) checks that both always agree.
+Keep the two in step: the arithmetic below is done in the same order there, so both produce the
+same IEEE doubles and break ties the same way.
+
+cache-aware (the default)
+    1. A session bound to a node sticks to it while the node is a candidate and has
+       in-flight < max_concurrency * overload_factor (or every candidate is that loaded: moving
+       would throw the cache away for nothing). Else the session moves: `rebind-unavailable` or
+       `rebind-overloaded`.
+    2. Otherwise the candidate with the lowest cost wins, where for a prompt of T blocks
+
+           cost = (T - matched) + T * (load * inflight / max_concurrency
+                                       + crowding * max(0, sessions + 1 - cache_slots))
+
+       `matched` is the run of leading blocks the node is known to hold (the prefill it saves),
+       `sessions` the sessions bound to it. Both penalties are in units of the whole prompt: a node
+       running at max_concurrency costs `load` prompts of prefill; every session beyond what its
+       cache holds costs `crowding` prompts, since it will evict someone's conversation. Nodes with
+       in-flight >= max_concurrency * overload_factor are skipped unless all are.
+       Ties go to the node with fewer bound sessions, then to the highest rendezvous rank of the
+       session (or first block, or lease id) over node ids, so equal nodes share new sessions
+       evenly and every replica picks the same one.
+    The session (if any) is then bound to the chosen node.
+
+round-robin, least-loaded, latency-based, random
+    Per-request baselines for stateless setups and benchmarks: no session binding, no stickiness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from hashlib import sha1
+
+import msgspec
+
+from state.types import Candidate, RouteRequest, Strategy
+
+
+class NodeLoad(msgspec.Struct, frozen=True):
+    """What the policy knows of one candidate at decision time."""
+
+    inflight: int = 0
+    """Live in-flight leases on the node, across all replicas."""
+    sessions: int = 0
+    """Live session bindings to the node."""
+    matched_blocks: int = 0
+    """Leading blocks of this request's prompt the node is known to hold."""
+
+
+class Choice(msgspec.Struct, frozen=True):
+    node_id: str
+    reason: str
+    matched_blocks: int
+    bind: bool
+    """True when the store must (re)bind the request's session to node_id."""
+
+
+_NO_LOAD = NodeLoad()
+
+
+def rendezvous_rank(key: str, node_id: str) -> int:
+    """A node's rank for `key` (highest wins a tie): the first 48 bits of SHA-1(key LF node_id)."""
+    return int(sha1(f"{key}\n{node_id}".encode()).hexdigest()[:12], 16)
+
+
+def tie_key(request: RouteRequest) -> str:
+    """What ties are hashed on: the session, else the prompt's first block, else the lease id."""
+    if request.session:
+        return request.session
+    if request.blocks:
+        return request.blocks[0]
+    return request.lease_id
+
+
+def is_overloaded(candidate: Candidate, load: NodeLoad, overload_factor: float) -> bool:
+    return load.inflight >= candidate.max_concurrency * overload_factor
+
+
+def cost(candidate: Candidate, load: NodeLoad, total_blocks: int, load_weight: float, crowding_weight: float) -> float:
+    """The cache-aware cost of sending a prompt of `total_blocks` blocks to a node (module docstring)."""
+    crowd = max(0, load.sessions + 1 - candidate.cache_slots)
+    max_concurrency = max(1, candidate.max_concurrency)
+    return (total_blocks - load.matched_blocks) + total_blocks * (
+        load_weight * load.inflight / max_concurrency + crowding_weight * crowd
+    )
+
+
+def choose_node(
+    request: RouteRequest,
+    loads: Mapping[str, NodeLoad],
+    binding: str | None,
+    *,
+    turn: int = 0,
+    ranks: Sequence[int] | None = None,
+) -> Choice:
+    """Choose the candidate that serves `request`.
+
+    `loads` maps candidate ids to their load (missing = idle, nothing cached); `binding` is the node the
+    request's session is bound to (ignored unless the strategy is cache-aware); `turn` is the pool's
+    round-robin counter before this request; `ranks` are the candidates' rendezvous ranks for
+    `tie_key(request)` (computed when not given).
+    """
+    candidates = request.candidates
+    if not candidates:
+        raise ValueError("no candidates")
+    if ranks is None:
+        key = tie_key(request)
+        ranks = [rendezvous_rank(key, c.node_id) for c in candidates]
+    load_of = [loads.get(c.node_id, _NO_LOAD) for c in candidates]
+    factor = request.weights.overload_factor
+    overloaded = [is_overloaded(c, ld, factor) for c, ld in zip(candidates, load_of, strict=True)]
+    n = len(candidates)
+
+    def choice(i: int, reason: str, bind: bool = False) -> Choice:
+        return Choice(candidates[i].node_id, reason, load_of[i].matched_blocks, bind)
+
+    strategy = request.strategy
+    if strategy is Strategy.ROUND_ROBIN:
+        return choice(turn % n, "round-robin")
+    if strategy is Strategy.RANDOM:
+        return choice(min(int(request.random_pick * n), n - 1), "random")
+    if strategy is Strategy.LEAST_LOADED:
+        best = min(
+            range(n),
+            key=lambda i: (
+                load_of[i].inflight / max(1, candidates[i].max_concurrency),
+                load_of[i].sessions,
+                -ranks[i],
+                i,
+            ),
+        )
+        return choice(best, "least-loaded")
+    if strategy is Strategy.LATENCY_BASED:
+        index = {c.node_id: i for i, c in enumerate(candidates)}
+        order = list(dict.fromkeys(index[node] for node in request.latency_order if node in index))
+        order += [i for i in range(n) if i not in order]
+        return choice(next((i for i in order if not overloaded[i]), order[0]), "latency")
+
+    # cache-aware
+    bind = bool(request.session)
+    reason = ""
+    if bind and binding is not None:
+        bound = next((i for i, c in enumerate(candidates) if c.node_id == binding), None)
+        if bound is None:
+            reason = "rebind-unavailable"
+        elif not overloaded[bound] or all(overloaded):
+            return choice(bound, "session", bind=True)
+        else:
+            reason = "rebind-overloaded"
+    eligible = [i for i in range(n) if not overloaded[i]] or list(range(n))
+    total = len(request.blocks)
+    w = request.weights
+    best = min(
+        eligible,
+        key=lambda i: (cost(candidates[i], load_of[i], total, w.load, w.crowding), load_of[i].sessions, -ranks[i], i),
+    )
+    if not reason:
+        reason = "prefix" if load_of[best].matched_blocks > 0 else "cold"
+    return choice(best, reason, bind=bind)

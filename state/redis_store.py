@@ -1,0 +1,258 @@
+"""`RedisStore`: routing knowledge shared by every replica through one Redis (or a Sentinel-managed primary).
+
+The only module that talks to Redis. Each atomic operation is one Lua script under `state/lua/`
+(headed by its KEYS / ARGV / returns), run with EVALSHA and reloaded by redis-py if the server lost it
+(`SCRIPT FLUSH`, a restart, a failover). Scripts read the time with `TIME`, so replicas with skewed
+clocks agree on every expiry. `route` and `finish` cost one round trip each. Redis Cluster is not
+supported: the scripts touch keys they compute at run time. Every Redis error or timeout leaves this
+module as `StateUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import secrets
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.client import Redis
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from state import keys
+from state.errors import StateUnavailable
+from state.policy import rendezvous_rank, tie_key
+from state.types import (
+    Decision,
+    Lease,
+    NodeState,
+    NodeStats,
+    NodeView,
+    Outcome,
+    RouteRequest,
+    RoutingLimits,
+    SessionBinding,
+    median,
+)
+
+SCRIPTS = ("route", "finish", "renew", "forget_prefix", "unbind", "remove_node", "node_views")
+
+
+def _script_source(name: str) -> str:
+    body = importlib.resources.files("state").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return keys.lua_prelude() + body
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StateUnavailable(f"redis {what} failed: {exc}") from exc
+
+
+class RedisStore:
+    """The store shared by replicas. Build it with `RedisStore.from_url` (or `state.open_store`)."""
+
+    def __init__(self, client: Redis, limits: RoutingLimits | None = None) -> None:
+        self.client = client
+        self.limits = limits or RoutingLimits()
+        self.prefix = self.limits.key_prefix
+        self._scripts: dict[str, AsyncScript] = {name: client.register_script(_script_source(name)) for name in SCRIPTS}
+
+    @classmethod
+    def from_url(cls, url: str, limits: RoutingLimits | None = None) -> RedisStore:
+        """Connect lazily to `redis://[[user]:password@]host:port/db`, `rediss://…` or `unix:///path`.
+
+        Timeouts are short (`limits.redis_timeout_ms`) and a failed command is retried once at once (a
+        pooled connection may have died with a Redis restart), so an outage costs callers milliseconds.
+        """
+        limits = limits or RoutingLimits()
+        timeout = limits.redis_timeout_ms / 1000
+        client = redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
+        return cls(client, limits)
+
+    async def _run(self, name: str, keys_: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        with _unavailable(name):
+            return await self._scripts[name](keys=list(keys_), args=[self.prefix, *args])
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    async def route(self, request: RouteRequest) -> Decision:
+        if not request.candidates:
+            raise ValueError("no candidates")
+        lease_id = request.lease_id or secrets.token_hex(8)
+        key = tie_key(request)
+        member = keys.session_member(request.pool, request.session) if request.session else ""
+        w = request.weights
+        args: list[str | int | float] = [
+            member,
+            request.strategy.value,
+            lease_id,
+            request.lease_ttl_ms,
+            request.session_ttl_ms,
+            self.limits.prefix_ttl_ms,
+            self.limits.max_blocks_per_node,
+            repr(float(w.load)),
+            repr(float(w.crowding)),
+            repr(float(w.overload_factor)),
+            repr(float(request.random_pick)),
+            len(request.candidates),
+        ]
+        for c in request.candidates:
+            args += [c.node_id, c.max_concurrency, c.cache_slots, rendezvous_rank(key, c.node_id)]
+        args += [len(request.latency_order), *request.latency_order, len(request.blocks), *request.blocks]
+        session_key = keys.session_key(self.prefix, request.pool, request.session or "")
+        node, reason, matched, total, bound = await self._run(
+            "route", [session_key, keys.rr_key(self.prefix, request.pool)], args
+        )
+        return Decision(
+            node_id=node,
+            reason=reason,
+            matched_blocks=int(matched),
+            total_blocks=int(total),
+            lease=Lease(node, lease_id),
+            bound=bool(bound),
+        )
+
+    async def finish(self, lease: Lease, outcome: Outcome) -> None:
+        node = lease.node_id
+        await self._run(
+            "finish",
+            [keys.node_key(self.prefix, node, kind) for kind in (keys.LEASES, keys.STATS, keys.TTFT, keys.TOTAL)],
+            [
+                lease.lease_id,
+                1 if outcome.ok else 0,
+                repr(float(outcome.ttft_ms)),
+                repr(float(outcome.total_ms)),
+                outcome.error_class or "unknown",
+                int(outcome.prompt_tokens),
+                int(outcome.cached_tokens),
+                self.limits.latency_samples,
+            ],
+        )
+
+    async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> None:
+        if not leases:
+            return
+        await self._run(
+            "renew",
+            [keys.node_key(self.prefix, lease.node_id, keys.LEASES) for lease in leases],
+            [ttl_ms, *(lease.lease_id for lease in leases)],
+        )
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
+        if not blocks:
+            return
+        await self._run(
+            "forget_prefix",
+            [keys.node_key(self.prefix, node_id, keys.BLOCKS), *(keys.block_key(self.prefix, b) for b in blocks)],
+            [node_id, *blocks],
+        )
+
+    async def unbind(self, pool: str, session: str) -> None:
+        await self._run("unbind", [keys.session_key(self.prefix, pool, session)], [keys.session_member(pool, session)])
+
+    async def remove_node(self, node_id: str) -> None:
+        await self._run(
+            "remove_node",
+            [
+                *(
+                    keys.node_key(self.prefix, node_id, kind)
+                    for kind in (keys.SESSIONS, keys.BLOCKS, keys.LEASES, keys.STATS, keys.TTFT, keys.TOTAL)
+                ),
+                keys.node_states_key(self.prefix),
+            ],
+            [node_id],
+        )
+
+    async def set_node_state(self, node_id: str, state: NodeState) -> None:
+        with _unavailable("set_node_state"):
+            await self.client.hset(keys.node_states_key(self.prefix), node_id, state.value)
+
+    async def node_states(self) -> dict[str, NodeState]:
+        with _unavailable("node_states"):
+            raw = await self.client.hgetall(keys.node_states_key(self.prefix))
+        states = {}
+        for node_id, value in raw.items():
+            with contextlib.suppress(ValueError):
+                states[str(node_id)] = NodeState(str(value))
+        return states
+
+    async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
+        if not node_ids:
+            return []
+        kinds = (keys.LEASES, keys.SESSIONS, keys.STATS, keys.TTFT, keys.TOTAL)
+        raw = await self._run(
+            "node_views", [keys.node_key(self.prefix, n, kind) for n in node_ids for kind in kinds], []
+        )
+        return [_node_view(node_id, *row) for node_id, row in zip(node_ids, raw, strict=True)]
+
+    async def sessions(self, limit: int = 1000) -> list[SessionBinding]:
+        """Live bindings, found by SCAN (an operator's view: not atomic, never on the hot path)."""
+        head = f"{self.prefix}{keys.SESSION}"
+        found: list[str] = []
+        with _unavailable("sessions"):
+            async for key in self.client.scan_iter(match=_glob_escape(head) + "*", count=1000):
+                if key not in found:
+                    found.append(key)
+                if len(found) >= limit:
+                    break
+            if not found:
+                return []
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in found:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                values = await pipe.execute()
+        bindings = []
+        for key, node, ttl in zip(found, values[::2], values[1::2], strict=True):
+            if node is None or ttl is None or ttl < 0:
+                continue
+            pool, session = keys.split_session_member(key[len(head) :])
+            bindings.append(SessionBinding(pool=pool, session=session, node_id=node, ttl_ms=int(ttl)))
+        return bindings
+
+    async def ping(self) -> None:
+        with _unavailable("ping"):
+            await self.client.ping()
+
+    async def close(self) -> None:
+        with _unavailable("close"):
+            await self.client.aclose()
+
+
+def _node_view(
+    node_id: str, inflight: int, sessions: int, flat: list[str], ttft: list[str], total: list[str]
+) -> NodeView:
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    error_classes = {
+        name[len(keys.ERROR_CLASS) :]: int(count) for name, count in fields.items() if name.startswith(keys.ERROR_CLASS)
+    }
+    stats = NodeStats(
+        ok=int(fields.get(keys.OK, 0)),
+        errors=int(fields.get(keys.ERRORS, 0)),
+        cancelled=int(fields.get(keys.CANCELLED, 0)),
+        error_classes=error_classes,
+        ttft_p50_ms=median([float(x) for x in ttft]),
+        total_p50_ms=median([float(x) for x in total]),
+        prompt_tokens=int(fields.get(keys.PROMPT_TOKENS, 0)),
+        cached_tokens=int(fields.get(keys.CACHED_TOKENS, 0)),
+    )
+    return NodeView(node_id=node_id, inflight=int(inflight), sessions=int(sessions), stats=stats)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)

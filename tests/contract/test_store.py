@@ -1,0 +1,399 @@
+"""One test class, run against MemoryStore and RedisStore on a real redis-server: both must behave the same."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import pytest
+
+from state import open_store
+from state.errors import StateUnavailable
+from state.memory import MemoryStore
+from state.redis_store import RedisStore
+from state.store import Store
+from state.types import Candidate, CostWeights, Lease, NodeState, Outcome, RouteRequest, RoutingLimits, Strategy
+from tests.contract.conftest import StoreFactory
+from tests.procs import free_port
+
+pytestmark = pytest.mark.anyio
+
+NODES = (Candidate("mac1"), Candidate("mac2"), Candidate("mac3"))
+TOOLS = tuple(f"tools-{i}" for i in range(8))
+
+
+def prompt(name: str, n: int, *, tools: bool = True) -> tuple[str, ...]:
+    """Block hashes of a prompt: the shared tools blocks, then n blocks of its own."""
+    own = tuple(f"{name}-{i}" for i in range(n))
+    return (TOOLS + own) if tools else own
+
+
+def req(
+    blocks: tuple[str, ...] = (),
+    session: str | None = None,
+    *,
+    candidates: tuple[Candidate, ...] = NODES,
+    strategy: Strategy = Strategy.CACHE_AWARE,
+    **kw: object,
+) -> RouteRequest:
+    return RouteRequest(
+        pool="qwen",
+        candidates=candidates,
+        blocks=blocks,
+        session=session,
+        strategy=strategy,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def view(store: Store, node: str) -> tuple[int, int]:
+    (v,) = await store.node_views([node])
+    return v.inflight, v.sessions
+
+
+class TestStore:
+    # -- session bindings ------------------------------------------------------------------------
+
+    async def test_binding_is_honoured_and_refreshed_on_use(self, store: Store) -> None:
+        first = await store.route(req(prompt("s", 2), "s", session_ttl_ms=600))
+        assert first.bound and first.reason in ("prefix", "cold")
+        for _ in range(3):  # 3 x 0.25 s > the 0.6 s TTL, but each use refreshes it
+            await asyncio.sleep(0.25)
+            again = await store.route(req(prompt("other", 3, tools=False), "s", session_ttl_ms=600))
+            assert (again.node_id, again.reason, again.bound) == (first.node_id, "session", True)
+        (binding,) = await store.sessions()
+        assert (binding.pool, binding.session, binding.node_id) == ("qwen", "s", first.node_id)
+        assert 0 < binding.ttl_ms <= 600
+        await asyncio.sleep(0.7)  # idle for longer than the TTL: the binding lapses
+        assert await store.sessions() == []
+        assert await view(store, first.node_id) == (4, 0)
+        later = await store.route(req(prompt("unrelated", 2, tools=False), "s"))
+        assert later.reason != "session"
+
+    async def test_rebind_when_the_node_is_no_longer_a_candidate(self, store: Store) -> None:
+        first = await store.route(req(prompt("s", 2), "s"))
+        others = tuple(c for c in NODES if c.node_id != first.node_id)
+        moved = await store.route(req(prompt("s", 3), "s", candidates=others))
+        assert moved.reason == "rebind-unavailable" and moved.bound
+        assert moved.node_id != first.node_id
+        back = await store.route(req(prompt("s", 4), "s"))  # the old node is back: the session stays moved
+        assert (back.node_id, back.reason) == (moved.node_id, "session")
+        assert await view(store, first.node_id) == (1, 0)
+        assert await view(store, moved.node_id) == (2, 1)
+
+    async def test_rebind_only_when_far_over_capacity(self, store: Store) -> None:
+        nodes = tuple(Candidate(c.node_id, max_concurrency=1) for c in NODES)
+        weights = CostWeights(overload_factor=2.0)
+        first = await store.route(req(prompt("s", 2), "s", candidates=nodes, weights=weights))
+        second = await store.route(req(prompt("s", 3), "s", candidates=nodes, weights=weights))
+        assert (second.node_id, second.reason) == (first.node_id, "session")  # 1 in flight < 1 x 2
+        third = await store.route(req(prompt("s", 4), "s", candidates=nodes, weights=weights))
+        assert third.reason == "rebind-overloaded" and third.node_id != first.node_id
+        assert (await view(store, first.node_id))[1] == 0
+
+    async def test_no_rebind_when_every_node_is_overloaded(self, store: Store) -> None:
+        (only,) = NODES[:1]
+        one = (Candidate(only.node_id, max_concurrency=1),)
+        decisions = [await store.route(req(prompt("s", 2), "s", candidates=one)) for _ in range(4)]
+        assert [d.reason for d in decisions[1:]] == ["session"] * 3
+
+    async def test_first_writer_wins_under_a_burst(self, make_stores: StoreFactory) -> None:
+        replicas = await make_stores(5)
+        roomy = tuple(Candidate(c.node_id, max_concurrency=1000) for c in NODES)
+        for trial in range(3):
+            session = f"burst-{trial}"
+            decisions = await asyncio.gather(
+                *(replicas[i % 5].route(req(prompt(session, 2), session, candidates=roomy)) for i in range(50))
+            )
+            assert len({d.node_id for d in decisions}) == 1
+            assert all(d.bound for d in decisions)
+            assert sum(d.reason == "session" for d in decisions) == 49
+            assert len({d.lease.lease_id for d in decisions}) == 50
+            views = await replicas[0].node_views([c.node_id for c in NODES])
+            assert sum(v.sessions for v in views) == trial + 1
+
+    async def test_no_session_no_binding(self, store: Store) -> None:
+        decisions = [await store.route(req(prompt(f"p{i}", 2))) for i in range(5)]
+        assert not any(d.bound for d in decisions)
+        assert await store.sessions() == []
+
+    async def test_unbind(self, store: Store) -> None:
+        first = await store.route(req(prompt("s", 2), "s"))
+        await store.unbind("qwen", "s")
+        assert await store.sessions() == []
+        assert (await view(store, first.node_id))[1] == 0
+        await store.unbind("qwen", "never-bound")
+
+    async def test_pools_with_colons_keep_their_bindings_apart(self, store: Store) -> None:
+        await store.route(RouteRequest(pool="qwen3:30b", candidates=NODES[:1], session="x"))
+        await store.route(RouteRequest(pool="qwen3", candidates=NODES[1:2], session="30b:x"))
+        listed = sorted((b.pool, b.session, b.node_id) for b in await store.sessions())
+        assert listed == [("qwen3", "30b:x", "mac2"), ("qwen3:30b", "x", "mac1")]
+
+    # -- leases ------------------------------------------------------------------------------------
+
+    async def test_leases_are_counted_and_released(self, store: Store) -> None:
+        one = NODES[:1]
+        decisions = [await store.route(req(candidates=one, lease_id=f"l{i}")) for i in range(3)]
+        assert [d.lease for d in decisions] == [Lease("mac1", f"l{i}") for i in range(3)]
+        assert await view(store, "mac1") == (3, 0)
+        await store.finish(decisions[0].lease, Outcome(ok=True))
+        await store.finish(decisions[0].lease, Outcome(ok=True))  # twice: no harm
+        assert await view(store, "mac1") == (2, 0)
+
+    async def test_expired_leases_are_not_counted_and_renew_keeps_them(self, store: Store) -> None:
+        one = NODES[:1]
+        kept = await store.route(req(candidates=one, lease_ttl_ms=300))
+        await store.route(req(candidates=one, lease_ttl_ms=300))
+        assert await view(store, "mac1") == (2, 0)
+        await asyncio.sleep(0.15)
+        await store.renew([kept.lease], 1000)
+        await asyncio.sleep(0.3)
+        assert await view(store, "mac1") == (1, 0)  # the other replica "died": its lease lapsed
+        await store.finish(kept.lease, Outcome(ok=True))
+        await store.renew([kept.lease], 1000)  # renewing a released lease does not bring it back
+        assert await view(store, "mac1") == (0, 0)
+
+    async def test_a_store_makes_up_lease_ids(self, store: Store) -> None:
+        a = await store.route(req(candidates=NODES[:1]))
+        b = await store.route(req(candidates=NODES[:1]))
+        assert a.lease.lease_id and a.lease.lease_id != b.lease.lease_id
+
+    # -- prefix affinity ---------------------------------------------------------------------------
+
+    async def test_prefix_affinity_without_a_session(self, store: Store) -> None:
+        placed = {}
+        for i in range(6):  # sessions spread the conversations over the nodes
+            d = await store.route(req(prompt(f"conv{i}", 4, tools=False), f"s{i}"))
+            placed[i] = d.node_id
+        assert len(set(placed.values())) > 1
+        for i, node in placed.items():  # the next turn, sent with no session id, finds its node
+            d = await store.route(req(prompt(f"conv{i}", 6, tools=False)))
+            assert (d.node_id, d.reason, d.matched_blocks, d.total_blocks, d.bound) == (node, "prefix", 4, 6, False)
+
+    async def test_predicted_placement_gathers_a_burst_of_siblings(self, make_stores: StoreFactory) -> None:
+        replicas = await make_stores(3)
+        parent = prompt("parent", 20)
+        first = await replicas[0].route(req(parent))
+        siblings = [await replicas[i % 3].route(req((*parent, f"child{i}"))) for i in range(3)]
+        assert {d.node_id for d in siblings} == {first.node_id}
+        assert all(d.matched_blocks == len(parent) for d in siblings)
+
+    async def test_forget_prefix(self, store: Store) -> None:
+        first = await store.route(req(prompt("a", 4, tools=False)))
+        await store.forget_prefix(first.node_id, prompt("a", 4, tools=False)[2:])
+        again = await store.route(req(prompt("a", 4, tools=False)))
+        assert again.matched_blocks == 2
+        await store.forget_prefix(first.node_id, [])
+
+    async def test_prefix_entries_expire(self, make_stores: StoreFactory) -> None:
+        (store,) = await make_stores(prefix_ttl_ms=300)
+        await store.route(req(prompt("a", 4)))
+        await asyncio.sleep(0.4)
+        again = await store.route(req(prompt("a", 4)))
+        assert (again.reason, again.matched_blocks) == ("cold", 0)
+
+    async def test_crowding_spreads_sessions_that_share_the_tools_prefix(self, store: Store) -> None:
+        nodes = tuple(Candidate(c.node_id, cache_slots=2) for c in NODES)
+        placed = []
+        for i in range(6):
+            d = await store.route(req(prompt(f"s{i}", 2), f"s{i}", candidates=nodes))
+            await store.finish(d.lease, Outcome(ok=True))
+            placed.append(d.node_id)
+        assert placed[0] == placed[1]  # the tools prefix draws the second session to the first's node...
+        assert collections.Counter(placed) == {n.node_id: 2 for n in nodes}  # ...until its cache is full
+        assert [v.sessions for v in await store.node_views([n.node_id for n in nodes])] == [2, 2, 2]
+
+    async def test_prefix_index_is_bounded_per_node(self, make_stores: StoreFactory) -> None:
+        (store,) = await make_stores(max_blocks_per_node=50)
+        one = NODES[:1]
+        for i in range(30):  # 30 prompts x 20 blocks = 600 blocks for a 50-block index
+            await store.route(req(prompt(f"p{i}", 20, tools=False), candidates=one))
+            assert await held_blocks(store, "mac1") <= 50
+        assert await held_blocks(store, "mac1") == 50
+        newest = await store.route(req(prompt("p29", 20, tools=False), candidates=one))
+        oldest = await store.route(req(prompt("p0", 20, tools=False), candidates=one))
+        assert newest.matched_blocks == 20
+        assert oldest.matched_blocks == 0
+        partial = await store.route(req(prompt("p28", 20, tools=False), candidates=one))
+        assert partial.matched_blocks == 10  # trimming eats older prompts from their tails
+
+    # -- the baselines -----------------------------------------------------------------------------
+
+    async def test_round_robin_cycles_across_calls_and_replicas(self, make_stores: StoreFactory) -> None:
+        replicas = await make_stores(3)
+        nodes = [
+            (await replicas[i % 3].route(req(prompt("same", 4), "same", strategy=Strategy.ROUND_ROBIN))).node_id
+            for i in range(7)
+        ]
+        assert nodes == ["mac1", "mac2", "mac3", "mac1", "mac2", "mac3", "mac1"]
+        other_pool = await replicas[0].route(
+            RouteRequest(pool="other", candidates=NODES, strategy=Strategy.ROUND_ROBIN)
+        )
+        assert other_pool.node_id == "mac1"  # counters are per pool
+        assert await replicas[0].sessions() == []  # baselines never bind
+
+    async def test_least_loaded(self, store: Store) -> None:
+        nodes = (Candidate("mac1"), Candidate("mac2", max_concurrency=8), Candidate("mac3"))
+        for node, n in (("mac1", 2), ("mac2", 3), ("mac3", 3)):
+            for _ in range(n):
+                await store.route(req(candidates=tuple(c for c in nodes if c.node_id == node)))
+        d = await store.route(req(prompt("x", 4), candidates=nodes, strategy=Strategy.LEAST_LOADED))
+        assert (d.node_id, d.reason) == ("mac2", "least-loaded")  # 3 of 8 beats 2 of 4
+
+    async def test_latency_and_random(self, store: Store) -> None:
+        fast = await store.route(req(strategy=Strategy.LATENCY_BASED, latency_order=("mac3", "mac1")))
+        assert (fast.node_id, fast.reason) == ("mac3", "latency")
+        picks = [(await store.route(req(strategy=Strategy.RANDOM, random_pick=p))).node_id for p in (0.1, 0.5, 0.9)]
+        assert picks == ["mac1", "mac2", "mac3"]
+
+    # -- outcomes, nodes ---------------------------------------------------------------------------
+
+    async def test_outcomes_show_in_node_views(self, make_stores: StoreFactory) -> None:
+        replicas = await make_stores(2, latency_samples=3)
+        one = NODES[:1]
+        outcomes = [
+            Outcome(ok=True, ttft_ms=900.0, total_ms=9000.0, prompt_tokens=1000, cached_tokens=0),
+            Outcome(ok=True, ttft_ms=100.0, total_ms=1000.0, prompt_tokens=1000, cached_tokens=900),
+            Outcome(ok=True, ttft_ms=300.0, total_ms=3000.0, prompt_tokens=1000, cached_tokens=950),
+            Outcome(ok=True, ttft_ms=200.5, total_ms=2000.0, prompt_tokens=1000, cached_tokens=990),
+            Outcome(ok=False, error_class="timeout", prompt_tokens=10),
+            Outcome(ok=False, error_class="timeout"),
+            Outcome(ok=False, error_class="http_5xx"),
+            Outcome(ok=False, error_class="client_cancel"),
+        ]
+        for i, outcome in enumerate(outcomes):
+            d = await replicas[i % 2].route(req(candidates=one))
+            await replicas[(i + 1) % 2].finish(d.lease, outcome)
+        (v,) = await replicas[0].node_views(["mac1"])
+        assert (v.node_id, v.inflight, v.sessions) == ("mac1", 0, 0)
+        s = v.stats
+        assert (s.ok, s.errors, s.cancelled) == (4, 3, 1)
+        assert s.error_classes == {"timeout": 2, "http_5xx": 1, "client_cancel": 1}
+        assert s.ttft_p50_ms == 200.5  # of the 3 most recent: 100, 300, 200.5
+        assert s.total_p50_ms == 2000.0
+        assert (s.prompt_tokens, s.cached_tokens) == (4010, 2840)
+        (fresh,) = await replicas[1].node_views(["never-seen"])
+        assert (fresh.inflight, fresh.sessions, fresh.stats.ok, fresh.stats.ttft_p50_ms) == (0, 0, 0, None)
+        assert await replicas[0].node_views([]) == []
+
+    async def test_node_states(self, make_stores: StoreFactory) -> None:
+        a, b = await make_stores(2)
+        assert await a.node_states() == {}
+        await a.set_node_state("mac1", NodeState.HEALTHY)
+        await b.set_node_state("mac2", NodeState.UNHEALTHY)
+        await b.set_node_state("mac1", NodeState.DEGRADED)
+        assert await a.node_states() == {"mac1": NodeState.DEGRADED, "mac2": NodeState.UNHEALTHY}
+
+    async def test_remove_node_drops_everything_known_of_it(self, store: Store) -> None:
+        target = NODES[0]
+        for i in range(3):
+            await store.route(req(prompt(f"s{i}", 3), f"s{i}", candidates=(target,)))
+        kept = await store.route(req(prompt("keep", 3), "keep", candidates=NODES[1:2]))
+        await store.set_node_state(target.node_id, NodeState.HEALTHY)
+        d = await store.route(req(candidates=(target,)))
+        await store.finish(d.lease, Outcome(ok=True, ttft_ms=5.0, total_ms=6.0))
+
+        await store.remove_node(target.node_id)
+        assert [(b.session, b.node_id) for b in await store.sessions()] == [("keep", kept.node_id)]
+        (v,) = await store.node_views([target.node_id])
+        assert (v.inflight, v.sessions, v.stats.ok) == (0, 0, 0)
+        assert await store.node_states() == {}
+        assert await held_blocks(store, target.node_id) == 0
+        again = await store.route(req(prompt("s0", 3), candidates=(target,)))
+        assert (again.reason, again.matched_blocks) == ("cold", 0)
+        await store.remove_node("never-seen")
+
+    async def test_ping(self, store: Store) -> None:
+        await store.ping()
+
+
+async def held_blocks(store: Store, node: str) -> int:
+    """Prefix-index entries held for a node, read from the backend's own structures (both must agree)."""
+    if isinstance(store, MemoryStore):
+        lru = len(store._node_blocks.get(node, {}))
+        holders = sum(node in nodes for nodes in store._block_nodes.values())
+    else:
+        assert isinstance(store, RedisStore)
+        lru = await store.client.zcard(f"{store.prefix}node:{node}:blocks")
+        holders = 0
+        async for key in store.client.scan_iter(match=f"{store.prefix}block:*", count=1000):
+            holders += await store.client.hexists(key, node)
+    assert lru == holders
+    return int(lru)
+
+
+# -- Redis only ------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
+    """SCRIPT FLUSH (or a restart, or a failover to a replica that never saw the scripts) costs nothing."""
+    store = RedisStore.from_url(redis_url, RoutingLimits(key_prefix="flush:"))
+    try:
+        first = await store.route(req(prompt("s", 2), "s"))
+        await store.client.script_flush()
+        again = await store.route(req(prompt("s", 3), "s"))
+        assert (again.node_id, again.reason) == (first.node_id, "session")
+        await store.client.script_flush()
+        await store.finish(again.lease, Outcome(ok=True, ttft_ms=1.0, total_ms=2.0))
+        await store.client.script_flush()
+        await store.renew([first.lease], 1000)
+        await store.client.script_flush()
+        assert (await store.node_views([first.node_id]))[0].stats.ok == 1
+        await store.client.script_flush()
+        await store.forget_prefix(first.node_id, ["x"])
+        await store.client.script_flush()
+        await store.unbind("qwen", "s")
+        await store.client.script_flush()
+        await store.remove_node(first.node_id)
+        assert await view(store, first.node_id) == (0, 0)
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
+async def test_unreachable_redis_fails_fast() -> None:
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0", redis_timeout_ms=200)
+    for call in (
+        store.route(req(prompt("s", 2), "s")),
+        store.finish(Lease("mac1", "l"), Outcome(ok=True)),
+        store.renew([Lease("mac1", "l")], 1000),
+        store.node_views(["mac1"]),
+        store.node_states(),
+        store.set_node_state("mac1", NodeState.HEALTHY),
+        store.sessions(),
+        store.ping(),
+    ):
+        start = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await call
+        assert time.monotonic() - start < 1.0
+    await store.close()
+
+
+@pytest.mark.redis
+async def test_silent_redis_times_out() -> None:
+    """A server that accepts connections but never answers (a hung Redis, a black-holed network)."""
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read(1 << 20)
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = open_store(f"redis://127.0.0.1:{port}/0", redis_timeout_ms=200, prefix="silent:")
+    try:
+        start = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await store.route(req(prompt("s", 2), "s"))
+        assert time.monotonic() - start < 1.5
+    finally:
+        await store.close()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
