@@ -149,7 +149,10 @@ async def models(request: Request) -> Response:
     gw = _gateway(request)
     created = "2025-01-01T00:00:00Z"
     data = [{"type": "model", "id": mid, "display_name": name, "created_at": created} for mid, name in CLAUDE_MODELS]
-    data += [{"type": "model", "id": p, "display_name": f"mlxmux pool {p}", "created_at": created} for p in gw.cluster.pools()]
+    data += [
+        {"type": "model", "id": p, "display_name": f"mlxmux pool {p}", "created_at": created}
+        for p in gw.cluster.pools()
+    ]
     return JSONResponse({"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]})
 
 
@@ -167,10 +170,14 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        shared = store if store is not None else open_store(
-            settings.redis_url or "memory://",
-            prefix=settings.routing.key_prefix,
-            **_store_limits(settings),
+        shared = (
+            store
+            if store is not None
+            else open_store(
+                settings.redis_url or "memory://",
+                prefix=settings.routing.key_prefix,
+                **_store_limits(settings),
+            )
         )
         gw = Gateway(settings, shared, Cluster(settings.nodes, settings.timeouts, transport))
         app.state.gateway = gw
@@ -193,7 +200,7 @@ def build_app(
         Route("/{path:path}", not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.add_middleware(RequestIdMiddleware)  # type: ignore[arg-type]
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 

@@ -49,7 +49,9 @@ def serve(settings: Settings) -> int:
 
     from proxy.app import build_app
 
-    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     if not settings.nodes:
         logging.getLogger("mlxmux").warning("no nodes configured: every request will get 503 until nodes are added")
     config = uvicorn.Config(

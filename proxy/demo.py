@@ -49,11 +49,11 @@ async def _run(args: argparse.Namespace) -> None:
     gateway = uvicorn.Server(
         uvicorn.Config(build_app(settings), host="127.0.0.1", port=args.port, access_log=False, log_level="warning")
     )
-    servers = [make_server(s) for s in sims]
+    servers = [make_server(s, capture_signals=False) for s in sims]
     url = f"http://127.0.0.1:{args.port}"
 
     async def announce() -> None:
-        while not (gateway.started and all(s.started for s in servers)):
+        while not (gateway.started and all(s.started for s in servers)):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         print(
             f"mlxmux demo: gateway on {url}, {len(sims)} sim nodes on ports "
@@ -64,7 +64,15 @@ async def _run(args: argparse.Namespace) -> None:
             flush=True,
         )
 
-    await asyncio.gather(*(s.serve() for s in servers), gateway.serve(), announce())
+    async def run_gateway() -> None:
+        # The gateway owns Ctrl-C; when it stops, the sim nodes stop with it.
+        try:
+            await gateway.serve()
+        finally:
+            for s in servers:
+                s.should_exit = True
+
+    await asyncio.gather(*(s.serve() for s in servers), run_gateway(), announce())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

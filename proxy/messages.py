@@ -96,7 +96,7 @@ def upstream_request(gw: Gateway, prep: Prepared, node_id: str) -> tuple[str, by
     return "/v1/chat/completions", encode_chat_request(chat)
 
 
-async def messages(request: Request) -> Response:
+async def messages(request: Request) -> Response | RelayResponse:
     gw: Gateway = request.app.state.gateway
     raw = await read_body(request, gw.settings.server.max_body_bytes)
     prep = prepare(gw, request, raw)
@@ -170,4 +170,3 @@ async def count_tokens(request: Request) -> Response:
     raw = await read_body(request, gw.settings.server.max_body_bytes)
     body = decode_count_tokens_request(raw)
     return Response(_json.encode({"input_tokens": estimate_tokens(body)}), media_type="application/json")
-

@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 from starlette.types import Receive, Scope, Send
@@ -41,6 +42,7 @@ from proxy.wire.openai import ChatCompletionRequest, decode_chunk
 from state.types import Decision, Outcome
 
 log = logging.getLogger("mlxmux.relay")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -195,7 +197,7 @@ class RelayResponse:
         await self._write(b"".join(encode_event(e) for e in tr.fail(kind, error.message)))
         await self._end()
 
-    async def _wait(self, task: asyncio.Future[object], limit: float, since: float, node_id: str) -> object:
+    async def _wait(self, task: asyncio.Future[T], limit: float, since: float, node_id: str) -> T:
         """Await `task`, starting the response after accept_wait_s and pinging the client while silent.
 
         Raises NodeFailure('timeout') if the node stays silent for `limit` seconds after `since`.
@@ -265,7 +267,6 @@ class RelayResponse:
         except BaseException:
             opening.cancel()
             raise
-        assert isinstance(stream, NodeStream)
         try:
             await self._start()
             if node.protocol == "anthropic":
@@ -277,14 +278,13 @@ class RelayResponse:
         await self._end()
         await attempt.succeed()
 
-    async def _chunks(self, stream: NodeStream, attempt: Attempt):  # type: ignore[no-untyped-def]
+    async def _chunks(self, stream: NodeStream, attempt: Attempt) -> AsyncIterator[bytes]:
         """Yield the node's bytes, enforcing silence limits and pinging the client meanwhile."""
         timeouts = self.settings.timeouts
         since = attempt.started
         while True:
             limit = timeouts.between_chunks_s if self.content_sent else timeouts.first_byte_s
             chunk = await self._wait(asyncio.ensure_future(stream.next_chunk()), limit, since, attempt.decision.node_id)
-            assert isinstance(chunk, bytes)
             if not chunk:
                 return
             since = time.monotonic()

@@ -147,4 +147,3 @@ class NodeClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
