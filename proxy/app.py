@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.cluster import Cluster
 from proxy.config import Settings, load_settings
-from proxy.errors import GatewayError, NotFound, error_body
+from proxy.errors import GatewayError, NotFound, error_body, error_headers
 from proxy.gateway import Gateway
 from proxy.messages import count_tokens, messages
 from state import open_store
@@ -76,10 +76,7 @@ class RequestIdMiddleware:
 
 
 async def _send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-    headers = [(b"content-type", b"application/json"), (b"x-should-retry", b"true" if exc.retryable else b"false")]
-    if exc.retry_after is not None:
-        headers.append((b"retry-after", str(int(exc.retry_after)).encode()))
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.start", "status": exc.status, "headers": error_headers(exc)})
     await send({"type": "http.response.body", "body": error_body(exc.type, exc.message, request_id)})
 
 

@@ -104,3 +104,11 @@ _encode = msgspec.json.Encoder().encode
 
 def error_body(error_type: str, message: str, request_id: str | None = None) -> bytes:
     return _encode(ErrorBody(ErrorDetail(error_type, message), request_id))
+
+
+def error_headers(exc: GatewayError) -> list[tuple[bytes, bytes]]:
+    """ASGI headers of an error response: JSON, x-should-retry, and Retry-After when known."""
+    headers = [(b"content-type", b"application/json"), (b"x-should-retry", b"true" if exc.retryable else b"false")]
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(int(exc.retry_after)).encode()))
+    return headers

@@ -32,6 +32,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
     error_body,
+    error_headers,
 )
 from proxy.gateway import Gateway
 from proxy.sse import PING, SSEDecoder, encode_event
@@ -180,12 +181,7 @@ class RelayResponse:
         assert self._send is not None
         if not self.headers_sent:
             self.headers_sent = True
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"x-should-retry", b"true" if error.retryable else b"false"),
-            ]
-            if error.retry_after is not None:
-                headers.append((b"retry-after", str(int(error.retry_after)).encode()))
+            headers = error_headers(error)
             await self._send({"type": "http.response.start", "status": error.status, "headers": headers})
             body = error_body(error.type, error.message, self.prep.request_id)
             await self._send({"type": "http.response.body", "body": body, "more_body": False})
