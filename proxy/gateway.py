@@ -12,7 +12,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from proxy.cluster import Cluster
 from proxy.config import Settings
@@ -21,7 +21,7 @@ from proxy.health import HealthMonitor
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
 from state.store import Store
-from state.types import Decision, Lease, Outcome, RouteRequest
+from state.types import Decision, Lease, NodeView, Outcome, RouteRequest, Strategy
 
 log = logging.getLogger("mlxmux.gateway")
 
@@ -35,12 +35,16 @@ class Gateway:
         self.health = HealthMonitor(cluster, store, settings.health)
         self.inflight: set[Lease] = set()
         self.store_ok = True
+        self.latency_order: tuple[str, ...] = ()
+        """Node ids fastest first by shared p50 time to first token (for `latency-based`)."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.health.check_all()
         self._tasks.append(asyncio.create_task(self.health.run(), name="mlxmux-health"))
         self._tasks.append(asyncio.create_task(self._renew_leases(), name="mlxmux-leases"))
+        if self.settings.routing.strategy == Strategy.LATENCY_BASED:
+            self._tasks.append(asyncio.create_task(self._refresh_latency(), name="mlxmux-latency"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -76,6 +80,7 @@ class Gateway:
             lease_ttl_ms=int(r.lease_ttl_s * 1000),
             session_ttl_ms=int(r.session_ttl_s * 1000),
             random_pick=random.random(),
+            latency_order=self.latency_order,
         )
         try:
             decision = await self.store.route(request)
@@ -105,3 +110,20 @@ class Gateway:
                 await self.store.renew(list(self.inflight), ttl_ms)
             except StateUnavailable:
                 self._mark_store(False)
+
+    async def _refresh_latency(self) -> None:
+        while True:
+            try:
+                views = await self.store.node_views(list(self.cluster.nodes))
+                self.latency_order = latency_order(views)
+            except StateUnavailable:
+                self._mark_store(False)
+            await asyncio.sleep(self.settings.health.interval_s)
+
+
+def latency_order(views: Sequence[NodeView]) -> tuple[str, ...]:
+    """Node ids for `latency-based`: nodes not measured yet first (so they get measured), then by
+    shared p50 time to first token, fastest first."""
+    unmeasured = [v.node_id for v in views if v.stats.ttft_p50_ms is None]
+    measured = sorted((v for v in views if v.stats.ttft_p50_ms is not None), key=lambda v: v.stats.ttft_p50_ms or 0.0)
+    return (*unmeasured, *(v.node_id for v in measured))

@@ -120,7 +120,9 @@ async def complete(gw: Gateway, prep: Prepared) -> Response:
         path, body = upstream_request(gw, prep, decision.node_id)
         client = gw.cluster.clients[decision.node_id]
         try:
-            answer = await client.post(path, body, timeout=gw.settings.timeouts.first_byte_s)
+            answer = await client.post(
+                path, body, timeout=gw.settings.timeouts.first_byte_s, headers=prep.upstream_headers
+            )
             if gw.cluster.nodes[decision.node_id].protocol == "anthropic":
                 data = _native_answer(answer, prep, decision.node_id)
                 await attempt.succeed()

@@ -60,6 +60,11 @@ class Prepared:
     request_id: str
     received: float
 
+    @property
+    def upstream_headers(self) -> dict[str, str]:
+        """Sent to the node: the conversation key (`x-session-id`), for nodes or proxies that use it."""
+        return {"x-session-id": self.session} if self.session else {}
+
 
 @dataclass(slots=True)
 class Attempt:
@@ -257,7 +262,7 @@ class RelayResponse:
         path, body = self.upstream_request(self.gw, self.prep, node_id)
         client = self.gw.cluster.clients[node_id]
         timeouts = self.settings.timeouts
-        opening = asyncio.ensure_future(client.open_stream(path, body))
+        opening = asyncio.ensure_future(client.open_stream(path, body, self.prep.upstream_headers))
         try:
             stream = await self._wait(opening, timeouts.first_byte_s, attempt.started, node_id)
         except BaseException:

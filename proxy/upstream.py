@@ -119,9 +119,17 @@ class NodeClient:
         await self._check(response)
         return NodeStream(response, self)
 
-    async def post(self, path: str, body: bytes, *, timeout: float, max_bytes: int = 64 * 1024 * 1024) -> bytes:
+    async def post(
+        self,
+        path: str,
+        body: bytes,
+        *,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> bytes:
         """POST and read the whole (bounded) response body within `timeout` seconds."""
-        stream = await asyncio.wait_for(self.open_stream(path, body), timeout=timeout)
+        stream = await asyncio.wait_for(self.open_stream(path, body, headers), timeout=timeout)
         try:
             chunks: list[bytes] = []
             size = 0

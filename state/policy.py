@@ -15,11 +15,14 @@ cache-aware (the default)
 
            cost = (T - matched) + T * (load * inflight / max_concurrency
                                        + crowding * max(0, sessions + 1 - cache_slots))
+                  + spread * sessions
 
        `matched` is the run of leading blocks the node is known to hold (the prefill it saves),
        `sessions` the sessions bound to it. Both penalties are in units of the whole prompt: a node
        running at max_concurrency costs `load` prompts of prefill; every session beyond what its
-       cache holds costs `crowding` prompts, since it will evict someone's conversation. Nodes with
+       cache holds costs `crowding` prompts, since it will evict someone's conversation; every bound
+       session costs `spread` blocks, so a prefix every node could hold (the tools and system prompt)
+       does not gather all new sessions on the first node that saw it. Nodes with
        in-flight >= max_concurrency * overload_factor are skipped unless all are.
        Ties go to the node with fewer bound sessions, then to the highest rendezvous rank of the
        session (or first block, or lease id) over node ids, so equal nodes share new sessions
@@ -37,7 +40,7 @@ from hashlib import sha1
 
 import msgspec
 
-from state.types import Candidate, RouteRequest, Strategy
+from state.types import Candidate, CostWeights, RouteRequest, Strategy
 
 
 class NodeLoad(msgspec.Struct, frozen=True):
@@ -80,12 +83,14 @@ def is_overloaded(candidate: Candidate, load: NodeLoad, overload_factor: float) 
     return load.inflight >= candidate.max_concurrency * overload_factor
 
 
-def cost(candidate: Candidate, load: NodeLoad, total_blocks: int, load_weight: float, crowding_weight: float) -> float:
+def cost(candidate: Candidate, load: NodeLoad, total_blocks: int, weights: CostWeights) -> float:
     """The cache-aware cost of sending a prompt of `total_blocks` blocks to a node (module docstring)."""
     crowd = max(0, load.sessions + 1 - candidate.cache_slots)
     max_concurrency = max(1, candidate.max_concurrency)
-    return (total_blocks - load.matched_blocks) + total_blocks * (
-        load_weight * load.inflight / max_concurrency + crowding_weight * crowd
+    return (
+        (total_blocks - load.matched_blocks)
+        + total_blocks * (weights.load * load.inflight / max_concurrency + weights.crowding * crowd)
+        + weights.spread * load.sessions
     )
 
 
@@ -156,7 +161,7 @@ def choose_node(
     w = request.weights
     best = min(
         eligible,
-        key=lambda i: (cost(candidates[i], load_of[i], total, w.load, w.crowding), load_of[i].sessions, -ranks[i], i),
+        key=lambda i: (cost(candidates[i], load_of[i], total, w), load_of[i].sessions, -ranks[i], i),
     )
     if not reason:
         reason = "prefix" if load_of[best].matched_blocks > 0 else "cold"

@@ -106,6 +106,7 @@ class RedisStore:
             repr(float(w.load)),
             repr(float(w.crowding)),
             repr(float(w.overload_factor)),
+            repr(float(w.spread)),
             repr(float(request.random_pick)),
             len(request.candidates),
         ]

@@ -56,6 +56,9 @@ class CostWeights(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Cost per session beyond the node's cache_slots, in units of this request's whole prompt."""
     overload_factor: float = 2.0
     """A bound session moves when its node has in-flight >= max_concurrency * overload_factor."""
+    spread: float = 32.0
+    """Cost per session already bound to the node, in prompt blocks: the prefill a new session will pay
+    to start on a less busy node instead (32 blocks of 1 KiB is about 8k tokens)."""
 
 
 class RouteRequest(msgspec.Struct, frozen=True):

@@ -99,7 +99,7 @@ def _prompt_message(prompt: str, *, newest: bool) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "text", "text": reminder}, last]}
 
 
-def _round(k: int, prompt: str) -> list[dict[str, Any]]:
+def _round(k: int, prompt: str, lines: int) -> list[dict[str, Any]]:
     """One finished round of the conversation: prompt, tool use, tool result, answer."""
     tool_id = f"toolu_{hashlib.sha256(str(k).encode()).hexdigest()[:24]}"
     return [
@@ -118,7 +118,7 @@ def _round(k: int, prompt: str) -> list[dict[str, Any]]:
                 {
                     "type": "tool_result",
                     "tool_use_id": tool_id,
-                    "content": "\n".join(f"{n:>6}\t{_filler(f'line/{k}/{n}', 8)}" for n in range(1, 60)),
+                    "content": "\n".join(f"{n:>6}\t{_filler(f'line/{k}/{n}', 8)}" for n in range(1, lines + 1)),
                 }
             ],
         },
@@ -135,11 +135,13 @@ def claude_code_request(
     max_tokens: int = 32000,
     mid_system: bool = True,
     server_tool: bool = False,
+    file_lines: int = 59,
 ) -> dict[str, Any]:
     """The body Claude Code sends on turn `len(turns)` (or `turns`) of session `session_id`.
 
     `mid_system` puts a `role: system` reminder after the first round (when there is one);
-    `server_tool` adds Anthropic's server-side web search tool (no input_schema) to the tools.
+    `server_tool` adds Anthropic's server-side web search tool (no input_schema) to the tools;
+    `file_lines` is the length of the file each round reads (a real session reads much more).
     """
     prompts = (
         [f"Turn {i + 1}: {_filler(f'{session_id}/prompt/{i}', 25)}" for i in range(turns)]
@@ -150,7 +152,7 @@ def claude_code_request(
         raise ValueError("a request needs at least one turn")
     messages: list[dict[str, Any]] = []
     for k, prompt in enumerate(prompts[:-1]):
-        messages.extend(_round(k, prompt))
+        messages.extend(_round(k, prompt, file_lines))
         if k == 0 and mid_system:
             messages.append({"role": "system", "content": "<system-reminder>Files changed on disk.</system-reminder>"})
     messages.append(_prompt_message(prompts[-1], newest=True))

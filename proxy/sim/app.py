@@ -59,7 +59,7 @@ from proxy.sim.model import (
 )
 from proxy.sim.script import Piece, TokenPlan, plan_tokens, write_reply
 
-CONVERSATION_HEADER = b"x-sim-conversation"
+CONVERSATION_HEADERS = (b"x-sim-conversation", b"x-session-id")
 Planner = Callable[[int, int], TokenPlan]
 
 
@@ -182,7 +182,7 @@ class SimApp:
         node = self.node
         node.active += 1
         node.stats.requests += 1
-        conversation = next((v.decode() for k, v in scope["headers"] if k == CONVERSATION_HEADER), None)
+        conversation = _conversation(scope)
         try:
             raw = await read_body(receive)
             if raw is None:
@@ -272,6 +272,7 @@ class SimApp:
         await self._run(responder, prompt, plan, faults, conversation, send)
 
     async def _serve_messages(self, body: Any, faults: RequestFaults, conversation: str | None, send: Send) -> None:
+        self.node.stats.messages_requests += 1
         if not isinstance(body, dict) or not isinstance(body.get("max_tokens"), int):
             await self._error(send, "messages", 400, "max_tokens: field required (an integer)")
             return
@@ -380,3 +381,13 @@ def build_sim_app(config: SimConfig) -> SimApp:
     (Plain `uvicorn.Server`s each install signal handlers; several in one loop stop one by one.)
     """
     return SimApp(config)
+
+
+def _conversation(scope: Scope) -> str | None:
+    """The conversation a request belongs to, for per-conversation counters: the test's own header
+    first, else the session id a gateway forwards."""
+    found: dict[bytes, bytes] = {k: v for k, v in scope["headers"] if k in CONVERSATION_HEADERS}
+    for name in CONVERSATION_HEADERS:
+        if name in found:
+            return found[name].decode(errors="replace")
+    return None

@@ -63,6 +63,8 @@ class Stats(msgspec.Struct):
     """Counters since start or the last `/_sim/reset`."""
 
     requests: int = 0
+    messages_requests: int = 0
+    """Of `requests`, those on the native `POST /v1/messages` endpoint (--anthropic)."""
     completed: int = 0
     errors: int = 0
     disconnects: int = 0
@@ -80,6 +82,7 @@ class StatsView(msgspec.Struct, frozen=True):
     id: str
     model: str
     requests: int
+    messages_requests: int
     completed: int
     errors: int
     disconnects: int
@@ -122,6 +125,7 @@ class SimNode:
             id=self.config.name,
             model=self.config.model,
             requests=s.requests,
+            messages_requests=s.messages_requests,
             completed=s.completed,
             errors=s.errors,
             disconnects=s.disconnects,

@@ -11,8 +11,8 @@
 -- ARGV[5]  lease TTL ms            ARGV[6]  session TTL ms
 -- ARGV[7]  prefix entry TTL ms     ARGV[8]  max blocks per node
 -- ARGV[9]  weight load             ARGV[10] weight crowding      ARGV[11] overload factor
--- ARGV[12] random pick in [0, 1)
--- ARGV[13] n candidates, then n times: node id, max_concurrency, cache_slots, rendezvous rank
+-- ARGV[12] weight spread          ARGV[13] random pick in [0, 1)
+-- ARGV[14] n candidates, then n times: node id, max_concurrency, cache_slots, rendezvous rank
 -- then     m, then m node ids fastest first (latency-based)
 -- then     t, then t block hashes of the prompt
 -- returns  {node id, reason, matched blocks, total blocks, bound (0|1)}
@@ -28,9 +28,10 @@ local max_blocks = tonumber(ARGV[8])
 local w_load = tonumber(ARGV[9])
 local w_crowding = tonumber(ARGV[10])
 local overload_factor = tonumber(ARGV[11])
-local random_pick = tonumber(ARGV[12])
+local w_spread = tonumber(ARGV[12])
+local random_pick = tonumber(ARGV[13])
 
-local pos = 13
+local pos = 14
 local function next_arg()
   local v = ARGV[pos]
   pos = pos + 1
@@ -97,6 +98,7 @@ local function cost(c)
   local crowd = math.max(0, c.sessions + 1 - c.cache_slots)
   local max_concurrency = math.max(1, c.max_concurrency)
   return (total - c.matched) + total * (w_load * c.inflight / max_concurrency + w_crowding * crowd)
+    + w_spread * c.sessions
 end
 local function less(a, b)
   for i = 1, #a do

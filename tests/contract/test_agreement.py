@@ -49,6 +49,7 @@ def history(seed: int, length: int) -> list[tuple[Any, ...]]:
         load=rng.choice([0.0, 0.5, 1.0, 3.0]),
         crowding=rng.choice([0.0, 0.3, 1.0]),
         overload_factor=rng.choice([1.0, 1.5, 2.0]),
+        spread=rng.choice([0.0, 0.7, 32.0]),
     )
     ops: list[tuple[Any, ...]] = []
     for _ in range(length):

@@ -198,7 +198,7 @@ class TestStore:
         nodes = tuple(Candidate(c.node_id, cache_slots=2) for c in NODES)
         placed = []
         for i in range(6):
-            d = await store.route(req(prompt(f"s{i}", 2), f"s{i}", candidates=nodes))
+            d = await store.route(req(prompt(f"s{i}", 2), f"s{i}", candidates=nodes, weights=CostWeights(spread=0)))
             await store.finish(d.lease, Outcome(ok=True))
             placed.append(d.node_id)
         assert placed[0] == placed[1]  # the tools prefix draws the second session to the first's node...

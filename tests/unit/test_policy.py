@@ -69,15 +69,17 @@ def test_only_cache_aware_binds(strategy: Strategy) -> None:
         (L(matched=6), 10, CostWeights(), 4.0),
         (L(inflight=2), 10, CostWeights(), 15.0),  # half loaded: + half a prompt
         (L(inflight=2), 10, CostWeights(load=0.5), 12.5),
-        (L(sessions=9), 10, CostWeights(), 10.0),  # the 10th session still fits in 10 slots
-        (L(sessions=10), 10, CostWeights(), 20.0),  # the 11th evicts someone: + one prompt
-        (L(sessions=12), 10, CostWeights(crowding=0.5), 25.0),
-        (L(matched=4, inflight=4, sessions=10), 8, CostWeights(), 4 + 8 * 2.0),
+        (L(sessions=9), 10, CostWeights(spread=0), 10.0),  # the 10th session still fits in 10 slots
+        (L(sessions=10), 10, CostWeights(spread=0), 20.0),  # the 11th evicts someone: + one prompt
+        (L(sessions=12), 10, CostWeights(crowding=0.5, spread=0), 25.0),
+        (L(matched=4, inflight=4, sessions=10), 8, CostWeights(spread=0), 4 + 8 * 2.0),
+        (L(matched=10, sessions=3), 10, CostWeights(spread=2.5), 7.5),  # each bound session: + spread blocks
+        (L(matched=4, inflight=4, sessions=10), 8, CostWeights(spread=1.0), 4 + 8 * 2.0 + 10),
         (L(), 0, CostWeights(), 0.0),
     ],
 )
 def test_cost(load: NodeLoad, total: int, weights: CostWeights, expected: float) -> None:
-    assert cost(A, load, total, weights.load, weights.crowding) == pytest.approx(expected)
+    assert cost(A, load, total, weights) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -103,20 +105,39 @@ def test_cache_aware_cost_decides(loads: dict[str, NodeLoad], node: str, reason:
     assert choice.matched_blocks == loads.get(node, L()).matched_blocks
 
 
-def test_shared_tools_prefix_fills_a_node_to_its_cache_slots_then_spreads() -> None:
-    """Sessions sharing 8 blocks of tools: the node holding them takes new ones until its cache is full."""
-    candidates = (Candidate("a", cache_slots=3), Candidate("b", cache_slots=3), Candidate("c", cache_slots=3))
+def place_sessions(count: int, slots: int, weights: CostWeights) -> tuple[list[str], dict[str, int]]:
+    """New sessions whose 81-block first prompts share 80 blocks of tools and system prompt, one after
+    another; the node that served one holds the shared blocks from then on."""
+    candidates = tuple(Candidate(n, cache_slots=slots) for n in "abc")
+    blocks = (*tuple(f"shared{i}" for i in range(80)), "own")
     sessions = {"a": 0, "b": 0, "c": 0}
     holds_tools = {"a"}
     placed = []
-    for i in range(9):
-        loads = {n: L(sessions=sessions[n], matched=8 if n in holds_tools else 0) for n in sessions}
-        choice = choose_node(request(candidates=candidates, session=f"s{i}"), loads, None)
+    for i in range(count):
+        loads = {n: L(sessions=sessions[n], matched=80 if n in holds_tools else 0) for n in sessions}
+        req = request(candidates=candidates, session=f"s{i}", blocks=blocks, weights=weights)
+        choice = choose_node(req, loads, None)
         sessions[choice.node_id] += 1
         holds_tools.add(choice.node_id)
         placed.append(choice.node_id)
+    return placed, sessions
+
+
+def test_shared_prefix_fills_a_node_to_its_cache_slots_then_spreads() -> None:
+    placed, sessions = place_sessions(9, 3, CostWeights(spread=0))
     assert placed[:3] == ["a", "a", "a"]
     assert sessions == {"a": 3, "b": 3, "c": 3}
+
+
+def test_spread_warms_another_node_before_one_node_takes_every_session() -> None:
+    """With spread 32 blocks per session, the node holding the 80 shared blocks takes three sessions
+    (cost 1, 33, 65 < 81 for a cold start), then a cold node starts; sessions stay within ~3 of each other."""
+    placed, sessions = place_sessions(9, 10, CostWeights())
+    assert placed[:3] == ["a", "a", "a"]
+    assert placed[3] != "a"
+    assert sessions == {"a": 3, "b": 3, "c": 3}
+    _, many = place_sessions(30, 10, CostWeights())
+    assert max(many.values()) - min(many.values()) <= 3, many
 
 
 def test_equal_nodes_spread_sessions_by_rendezvous_hash() -> None:
