@@ -40,6 +40,9 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Prompts the node's cache holds (mlx_lm.server --prompt-cache-size, default 10)."""
     images: bool = False
     """True if the node's model takes images; otherwise images become a text placeholder."""
+    late_system: Literal["user", "system"] = "user"
+    """How a `role: system` message after the first message is sent: as a user message wrapped in
+    <system-reminder> (default: Qwen and most chat templates reject late system messages), or as is."""
     api_key: str | None = None
     """Sent upstream as `Authorization: Bearer …`; never logged or echoed."""
 

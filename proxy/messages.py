@@ -14,13 +14,13 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from proxy.answers import from_chat_completion
 from proxy.errors import ClusterUnavailable, RequestTooLarge
 from proxy.gateway import Gateway
 from proxy.relay import Attempt, Prepared, RelayResponse, failure_error
 from proxy.translate import (
     encode_chat_request,
     estimate_tokens,
-    from_chat_completion,
     prompt_parts,
     to_chat_request,
     to_native_body,
@@ -89,8 +89,10 @@ def upstream_request(gw: Gateway, prep: Prepared, node_id: str) -> tuple[str, by
     if node.protocol == "anthropic":
         return "/v1/messages", to_native_body(prep.raw, model_id=node.model, max_tokens_cap=cap)
     chat = prep.chat
-    if node.images:
-        chat = to_chat_request(prep.body, model_id=node.model, max_tokens_cap=cap, images=True)
+    if node.images or node.late_system != "user":
+        chat = to_chat_request(
+            prep.body, model_id=node.model, max_tokens_cap=cap, images=node.images, late_system=node.late_system
+        )
     else:
         chat = msgspec.structs.replace(chat, model=node.model if node.model is not None else msgspec.UNSET)
     return "/v1/chat/completions", encode_chat_request(chat)

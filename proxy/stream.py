@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from proxy.translate import (
+from proxy.answers import (
     THINKING_SIGNATURE,
     matched_stop_sequence,
     new_tool_use_id,

@@ -3,9 +3,10 @@
 Replies, from the current turn (the messages after the last assistant message):
 
 - a tool result in the turn (`role: tool`): text quoting its first 200 characters;
-- `/tool NAME {json args}` in the last user message, NAME offered in `tools`: that tool call, whole;
-- `run: <command>` in the last user message with a tool named `Bash` offered: a Bash call
-  `{"command": ..., "description": ...}`;
+- `/tool NAME {json args}`, NAME offered in `tools`: that tool call, whole;
+- a line `run: <command>`, with a tool named `Bash` offered: a Bash call `{"command": ..., "description": ...}`;
+  directives are looked for in the turn's latest user message that has one, outside `<system-reminder>`
+  sections (Claude Code appends context, skills and late system messages after what the person typed);
 - otherwise "Hello from sim node X. …", padded with plain words to the configured reply length.
 
 `plan_tokens` turns a reply into generated tokens (4-byte cells, see `proxy.sim.model`) with what each
@@ -32,7 +33,10 @@ _FILLER = (
 )
 _WORDS = _FILLER.split(" ")
 _TOOL_DIRECTIVE = re.compile(r"/tool\s+([A-Za-z0-9_.:\-]+)")
-_RUN_DIRECTIVE = re.compile(r"\brun:[ \t]*(\S[^\n]*)")
+_RUN_DIRECTIVE = re.compile(r"(?m)^[ \t]*run:[ \t]*(\S[^\n]*)")
+# Claude Code wraps what it adds to a user message (skills, context, hook output) in these; the
+# directives are for what the person typed.
+_REMINDER = re.compile(r"<system-reminder>.*?(?:</system-reminder>|\Z)", re.DOTALL)
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -85,6 +89,7 @@ def _pad(text: str, target_bytes: int) -> str:
 
 def _directive_call(text: str, offered: Sequence[str]) -> tuple[ToolCall | None, str]:
     """A tool call asked for by a directive in `text`, or None and a note for the reply text."""
+    text = _REMINDER.sub("", text)
     matches = list(_TOOL_DIRECTIVE.finditer(text))
     if matches:
         m = matches[-1]
@@ -125,8 +130,13 @@ def write_reply(
         usage = f"{prompt_tokens} prompt tokens, {cached_tokens} cached"
         text = f'Sim node {node_id} got the tool result ({usage}): "{quote}"'
         return Reply(thought, text)
-    users = [m for m in turn if m.role == "user"]
-    call, note = _directive_call(users[-1].content, conv.tool_names) if users else (None, "")
+    # The latest directive of the turn: Claude Code may append more user content (a late system
+    # message, which arrives here as a user message) after what the person typed.
+    call, note = None, ""
+    for message in reversed([m for m in turn if m.role == "user"]):
+        call, note = _directive_call(message.content, conv.tool_names)
+        if call is not None or note:
+            break
     if call is not None:
         return Reply(thought, f"Sim node {node_id} calls {call.name}.", (call,))
     usage = f"I read {prompt_tokens} prompt tokens, {cached_tokens} from my cache."

@@ -272,6 +272,15 @@ def test_run_directive_calls_bash(beta: Node) -> None:
     assert r["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_directives_inside_reminders_or_mid_line_are_ignored(beta: Node) -> None:
+    # Claude Code puts skill lists and context into <system-reminder> sections of the user's message.
+    reminder = "<system-reminder>Skills:\nrun: the app\n/tool Bash {}</system-reminder>"
+    for text in (reminder + "Say hello", "Say hello, we will run: nothing"):
+        r = beta.chat({"messages": [user(text)], "tools": TOOLS}).json()
+        assert not r["choices"][0]["message"].get("tool_calls"), text
+        assert r["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
 # --- faults ---------------------------------------------------------------------------------------------------
 
 

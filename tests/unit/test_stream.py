@@ -8,9 +8,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from proxy.answers import THINKING_SIGNATURE
 from proxy.sse import SSEDecoder, encode_event
 from proxy.stream import StreamTranslator
-from proxy.translate import THINKING_SIGNATURE
 from proxy.wire.anthropic import MessageDeltaEvent
 from proxy.wire.openai import decode_chunk
 

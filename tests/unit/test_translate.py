@@ -8,12 +8,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from proxy.answers import THINKING_SIGNATURE, from_chat_completion
 from proxy.errors import InvalidRequest
 from proxy.translate import (
-    THINKING_SIGNATURE,
     encode_chat_request,
     estimate_tokens,
-    from_chat_completion,
     native_prompt_parts,
     prompt_parts,
     to_chat_request,
