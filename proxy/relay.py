@@ -139,6 +139,8 @@ class RelayResponse:
         self.content_sent = False
         self.last_write = 0.0
         self._send: Send | None = None
+        self._lock = asyncio.Lock()  # the relay and the pinger both write
+        self._pinger: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
@@ -147,9 +149,10 @@ class RelayResponse:
         try:
             await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (relay, watch):
+            tasks = [relay, watch] + ([self._pinger] if self._pinger else [])
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(relay, watch, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- writing to the client -------------------------------------------------------------
 
@@ -171,15 +174,33 @@ class RelayResponse:
         )
         start = StreamTranslator(model=self.prep.body.model, message_id=self.prep.message_id).start()
         await self._write(b"".join(encode_event(e) for e in start))
+        self._pinger = asyncio.ensure_future(self._ping_while_silent())
+
+    async def _ping_while_silent(self) -> None:
+        """`event: ping` whenever the client has heard nothing for ping_interval_s (long prefills)."""
+        every = self.settings.server.ping_interval_s
+        while True:
+            await asyncio.sleep(max(0.0, self.last_write + every - time.monotonic()))
+            if time.monotonic() - self.last_write >= every:
+                await self._write(PING)
 
     async def _write(self, data: bytes) -> None:
         assert self._send is not None
-        self.last_write = time.monotonic()
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        async with self._lock:
+            self.last_write = time.monotonic()
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _end(self) -> None:
         assert self._send is not None
+        await self._stop_pinger()
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stop_pinger(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pinger
+            self._pinger = None
 
     async def _error(self, error: GatewayError) -> None:
         """End the exchange with an error: a real HTTP status if nothing was sent yet, else an event."""
@@ -199,28 +220,24 @@ class RelayResponse:
         await self._end()
 
     async def _wait(self, task: asyncio.Future[T], limit: float, since: float, node_id: str) -> T:
-        """Await `task`, starting the response after accept_wait_s and pinging the client while silent.
+        """Await `task` (opening a node's response), starting the response after accept_wait_s (the
+        pinger then keeps the client hearing from us).
 
         Raises NodeFailure('timeout') if the node stays silent for `limit` seconds after `since`.
         """
         accept_at = self.prep.received + self.settings.server.accept_wait_s
-        ping_every = self.settings.server.ping_interval_s
         while True:
-            wake = (self.last_write + ping_every) if self.headers_sent else accept_at
-            wake = min(wake, since + limit)
+            wake = since + limit if self.headers_sent else min(accept_at, since + limit)
             done, _ = await asyncio.wait({task}, timeout=max(0.0, wake - time.monotonic()))
             if done:
                 return task.result()
-            now = time.monotonic()
-            if now >= since + limit:
+            if time.monotonic() >= since + limit:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
                 raise NodeFailure("timeout", f"node {node_id} sent nothing for {limit:g}s")
             if not self.headers_sent:
                 await self._start()
-            elif now - self.last_write >= ping_every:
-                await self._write(PING)
 
     # -- the relay -------------------------------------------------------------------------
 
@@ -274,18 +291,27 @@ class RelayResponse:
                 await self._relay_native(stream, attempt)
             else:
                 await self._relay_chat(stream, attempt)
-        finally:
+        except BaseException:
             await stream.aclose()
-        await self._end()
+            raise
+        try:
+            await self._end()
+        finally:
+            await stream.release()
         await attempt.succeed()
 
     async def _chunks(self, stream: NodeStream, attempt: Attempt) -> AsyncIterator[bytes]:
-        """Yield the node's bytes, enforcing silence limits and pinging the client meanwhile."""
+        """Yield the node's bytes, enforcing silence limits (the pinger speaks to the client meanwhile)."""
         timeouts = self.settings.timeouts
         since = attempt.started
+        loop = asyncio.get_running_loop()
         while True:
             limit = timeouts.between_chunks_s if self.content_sent else timeouts.first_byte_s
-            chunk = await self._wait(asyncio.ensure_future(stream.next_chunk()), limit, since, attempt.decision.node_id)
+            try:
+                async with asyncio.timeout_at(loop.time() + (since + limit - time.monotonic())):
+                    chunk = await stream.next_chunk()
+            except TimeoutError:
+                raise NodeFailure("timeout", f"node {attempt.decision.node_id} sent nothing for {limit:g}s") from None
             if not chunk:
                 return
             since = time.monotonic()

@@ -68,6 +68,19 @@ class NodeStream:
     async def aclose(self) -> None:
         await self.response.aclose()
 
+    async def release(self, grace: float = 0.5) -> None:
+        """Close after a finished stream, first reading what is left of the body (the last chunk
+        marker, after `data: [DONE]`) for up to `grace` seconds, so the connection goes back to the
+        pool instead of being dropped: the next request skips a TCP connect."""
+        try:
+            async with asyncio.timeout(grace):
+                async for _ in self._iter:
+                    pass
+        except (TimeoutError, httpx.HTTPError):
+            pass
+        finally:
+            await self.response.aclose()
+
 
 class NodeClient:
     """HTTP client for one node."""
@@ -129,11 +142,12 @@ class NodeClient:
         max_bytes: int = 64 * 1024 * 1024,
     ) -> bytes:
         """POST and read the whole (bounded) response body within `timeout` seconds."""
-        stream = await asyncio.wait_for(self.open_stream(path, body, headers), timeout=timeout)
+        stream: NodeStream | None = None
         try:
-            chunks: list[bytes] = []
-            size = 0
             async with asyncio.timeout(timeout):
+                stream = await self.open_stream(path, body, headers)
+                chunks: list[bytes] = []
+                size = 0
                 while chunk := await stream.next_chunk():
                     size += len(chunk)
                     if size > max_bytes:
@@ -143,7 +157,8 @@ class NodeClient:
         except TimeoutError:
             raise NodeFailure("timeout", f"node {self.node.id} sent no complete answer in {timeout:g}s") from None
         finally:
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
 
     async def get(self, path: str, *, timeout: float) -> tuple[int, bytes]:
         """GET for probes: (status, body). Raises NodeFailure on transport errors."""
