@@ -122,10 +122,14 @@ async def cluster(request: Request) -> Response:
             "model": node.model,
             "protocol": node.protocol,
             "state": gw.cluster.states.get(node_id, "initializing"),
+            "draining": node_id in gw.cluster.draining,
             "max_concurrency": node.max_concurrency,
         }
-        if node_id in gw.health.last_error:
-            entry["last_error"] = gw.health.last_error[node_id]
+        record = gw.health.records.get(node_id)
+        if record is not None:
+            entry["breaker"] = str(record.breaker)
+            if record.last_error:
+                entry["last_error"] = record.last_error
         if view is not None:
             entry["inflight"] = view.inflight
             entry["sessions"] = view.sessions

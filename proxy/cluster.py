@@ -27,6 +27,7 @@ class Cluster:
         self.nodes: dict[str, NodeConfig] = {}
         self.clients: dict[str, NodeClient] = {}
         self.states: dict[str, NodeState] = {}
+        self.draining: set[str] = set()
         for node in nodes:
             self.add(node)
 
@@ -38,6 +39,7 @@ class Cluster:
     async def remove(self, node_id: str) -> None:
         self.nodes.pop(node_id, None)
         self.states.pop(node_id, None)
+        self.draining.discard(node_id)
         client = self.clients.pop(node_id, None)
         if client is not None:
             await client.aclose()
@@ -46,27 +48,27 @@ class Cluster:
         return sorted({n.pool for n in self.nodes.values()})
 
     def candidates(self, pool: str, exclude: Iterable[str] = ()) -> tuple[Candidate, ...]:
-        """Routable nodes of a pool in configured order.
+        """Routable nodes of a pool in configured order: healthy or degraded, and not draining.
 
-        Healthy and degraded nodes first; if none is known healthy yet (a replica that just started,
-        before its first probe), nodes still initializing are tried rather than refusing the request.
+        A node is never used before a probe has passed (`initializing`): the gateway probes every node
+        before it starts serving, and nodes added later are validated the same way.
         """
-        excluded = set(exclude)
-        members = [n for n in self.nodes.values() if n.pool == pool and n.id not in excluded]
-        routable = [n for n in members if self.states.get(n.id) in ROUTABLE_STATES]
-        if not routable:
-            routable = [n for n in members if self.states.get(n.id) == NodeState.INITIALIZING]
-        return tuple(Candidate(n.id, n.max_concurrency, n.cache_slots) for n in routable)
+        excluded = self.draining.union(exclude)
+        return tuple(
+            Candidate(n.id, n.max_concurrency, n.cache_slots)
+            for n in self.nodes.values()
+            if n.pool == pool and n.id not in excluded and self.states.get(n.id) in ROUTABLE_STATES
+        )
 
     def status(self) -> str:
         """Cluster status derived from node states: starting, healthy, degraded, critical, offline."""
-        states = list(self.states.values())
+        states = [self.states.get(n, NodeState.INITIALIZING) for n in self.nodes]
         if not states:
             return "offline"
-        routable = sum(s in ROUTABLE_STATES for s in states)
+        routable = sum(s in ROUTABLE_STATES and n not in self.draining for n, s in zip(self.nodes, states, strict=True))
         if routable == 0:
             return "starting" if any(s == NodeState.INITIALIZING for s in states) else "offline"
-        if all(s == NodeState.HEALTHY for s in states):
+        if all(s == NodeState.HEALTHY for s in states) and not self.draining:
             return "healthy"
         if routable * 2 < len(states):
             return "critical"

@@ -85,9 +85,64 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class HealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     interval_s: float = 5.0
+    """Seconds between probe rounds (each node is probed by one replica per round)."""
     timeout_s: float = 3.0
     fail_threshold: int = 2
+    """Failed probes in a row that take a node out (breaker open)."""
     pass_threshold: int = 1
+    """Passed probes in a row that make a degraded node healthy again."""
+    request_fail_threshold: int = 3
+    """Failed real requests in a row (5xx, timeouts, cut streams) that take a node out."""
+    open_s: float = 5.0
+    """First wait before a node that is out is probed again; doubles per failed trial."""
+    max_backoff_s: float = 60.0
+    offline_after_s: float = 60.0
+    """A node out this long is reported `offline`."""
+
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class DiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where nodes beyond `nodes` come from (docs/discovery.md); the node fields below apply to each one found."""
+
+    mode: Literal["static", "dns", "kubernetes"] = "static"
+    """static: only `nodes`; dns: every A/AAAA record of `dns_name`; kubernetes: a Service's EndpointSlices."""
+    interval_s: float = 10.0
+    dns_name: str = ""
+    port: int = 8080
+    """Port of the nodes found by dns (and by kubernetes when a slice names no port)."""
+    scheme: Literal["http", "https"] = "http"
+    service: str = ""
+    namespace: str = ""
+    """Empty: the pod's own namespace (the `namespace` file beside `token_file`)."""
+    port_name: str = ""
+    """EndpointSlice port to use; empty: the slice's first port."""
+    api_server: str = ""
+    """Empty: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT."""
+    token_file: str = f"{SERVICE_ACCOUNT_DIR}/token"
+    ca_file: str = f"{SERVICE_ACCOUNT_DIR}/ca.crt"
+    pool: str = "default"
+    model: str | None = None
+    protocol: Literal["openai", "anthropic"] = "openai"
+    max_concurrency: int = 4
+    cache_slots: int = 10
+    images: bool = False
+    late_system: Literal["user", "system"] = "user"
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # Raised as ValueError so msgspec reports it with its path, like any other bad value.
+        if self.mode == "dns" and not self.dns_name:
+            raise ValueError('discovery mode "dns" needs dns_name (MLXMUX_DISCOVERY_DNS_NAME)')
+        if self.mode == "kubernetes" and not self.service:
+            raise ValueError('discovery mode "kubernetes" needs service (MLXMUX_DISCOVERY_SERVICE)')
+        if self.interval_s <= 0:
+            raise ValueError("discovery interval_s must be positive")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"discovery port {self.port} is not a TCP port")
+        if self.max_concurrency < 1 or self.cache_slots < 1:
+            raise ValueError("discovery max_concurrency and cache_slots must be at least 1")
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -95,6 +150,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeouts: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
     models: dict[str, str] = msgspec.field(default_factory=dict)
     """Model map: glob pattern of a requested model name → pool. Unmatched names go to `default`."""
@@ -168,6 +224,18 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_FIRST_BYTE_TIMEOUT_S": ("timeouts", "first_byte_s"),
     "MLXMUX_BETWEEN_CHUNKS_TIMEOUT_S": ("timeouts", "between_chunks_s"),
     "MLXMUX_HEALTH_INTERVAL_S": ("health", "interval_s"),
+    "MLXMUX_HEALTH_TIMEOUT_S": ("health", "timeout_s"),
+    "MLXMUX_FAIL_THRESHOLD": ("health", "fail_threshold"),
+    "MLXMUX_REQUEST_FAIL_THRESHOLD": ("health", "request_fail_threshold"),
+    "MLXMUX_OPEN_S": ("health", "open_s"),
+    "MLXMUX_MAX_BACKOFF_S": ("health", "max_backoff_s"),
+    "MLXMUX_OFFLINE_AFTER_S": ("health", "offline_after_s"),
+    "MLXMUX_DISCOVERY": ("discovery", "mode"),
+    "MLXMUX_DISCOVERY_INTERVAL_S": ("discovery", "interval_s"),
+    "MLXMUX_DISCOVERY_DNS_NAME": ("discovery", "dns_name"),
+    "MLXMUX_DISCOVERY_PORT": ("discovery", "port"),
+    "MLXMUX_DISCOVERY_SERVICE": ("discovery", "service"),
+    "MLXMUX_DISCOVERY_NAMESPACE": ("discovery", "namespace"),
     "MLXMUX_REDIS_URL": (None, "redis_url"),
 }
 

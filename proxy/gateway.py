@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import secrets
+import socket
 from collections.abc import Iterable, Sequence
 
 from proxy.cluster import Cluster
@@ -32,7 +34,8 @@ class Gateway:
         self.store = store
         self.cluster = cluster
         self.local_store: Store = MemoryStore()
-        self.health = HealthMonitor(cluster, store, settings.health)
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.health = HealthMonitor(cluster, store, self.local_store, settings.health, self.replica_id)
         self.inflight: set[Lease] = set()
         self.store_ok = True
         self.latency_order: tuple[str, ...] = ()
@@ -40,7 +43,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        await self.health.check_all()
+        await self.health.round(everyone=True)
         self._tasks.append(asyncio.create_task(self.health.run(), name="mlxmux-health"))
         self._tasks.append(asyncio.create_task(self._renew_leases(), name="mlxmux-leases"))
         if self.settings.routing.strategy == Strategy.LATENCY_BASED:

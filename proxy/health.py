@@ -1,16 +1,25 @@
-"""Active health probes of nodes, keeping `Cluster.states` and the shared store current.
+"""Health of the nodes, shared by every replica: probes, request outcomes, drain, and the local view.
 
-A probe is `GET /health` (mlx_lm.server, llama-server) and then `GET /v1/models`, which every
-node type serves and which confirms the configured model is loaded. Thresholds come from
-`HealthConfig`: `fail_threshold` failed probes in a row make a node unhealthy, `pass_threshold`
-passes make it healthy again. A failed connect on a real request marks the node unhealthy at once.
+A probe is `GET /health` (mlx_lm.server, llama-server) and then `GET /v1/models`, which every node
+type serves and which confirms the configured model is loaded. Each round (every
+`health.interval_s`), a replica reads every node's shared record (`Store.health`, one round trip),
+and probes the nodes it wins the probe lease of (`Store.claim_probe`: one replica per node per
+interval, so adding replicas does not multiply probes) and whose breaker allows a probe. Results,
+and the failures of real requests, change the shared record by compare-and-set through the pure
+transitions of `state.health`; every replica copies the records into its `Cluster` view, which
+the hot path reads without I/O.
+
+Without the shared store (Redis down) the same runs against the replica's local memory store:
+each replica then probes every node itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import random
+import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -18,21 +27,17 @@ from proxy.cluster import Cluster
 from proxy.config import HealthConfig
 from proxy.upstream import NodeFailure
 from state.errors import StateUnavailable
+from state.health import Breaker, HealthPolicy, NodeHealth, on_probe, on_request, probe_due, set_draining, start_trial
 from state.store import Store
-from state.types import NodeState
 
 log = logging.getLogger("mlxmux.health")
 
+CAS_ATTEMPTS = 8
 
-def next_state(state: NodeState, passes: int, fails: int, config: HealthConfig) -> NodeState:
-    """Pure transition after a probe: `passes`/`fails` are the current consecutive counts."""
-    if passes >= config.pass_threshold:
-        return NodeState.HEALTHY
-    if fails >= config.fail_threshold:
-        return NodeState.UNHEALTHY
-    if fails > 0 and state == NodeState.HEALTHY:
-        return NodeState.DEGRADED
-    return state
+
+def now_ms() -> int:
+    """Wall-clock milliseconds: records are shared, so every replica must use the same clock."""
+    return time.time_ns() // 1_000_000
 
 
 def _models_listed(body: bytes) -> set[str]:
@@ -45,14 +50,30 @@ def _models_listed(body: bytes) -> set[str]:
     return {str(m.get("id")) for m in data["data"] if isinstance(m, dict)}
 
 
+def policy_of(config: HealthConfig) -> HealthPolicy:
+    return HealthPolicy(
+        fail_threshold=config.fail_threshold,
+        pass_threshold=config.pass_threshold,
+        request_fail_threshold=config.request_fail_threshold,
+        open_ms=int(config.open_s * 1000),
+        max_backoff_ms=int(config.max_backoff_s * 1000),
+        offline_after_ms=int(config.offline_after_s * 1000),
+    )
+
+
 class HealthMonitor:
-    def __init__(self, cluster: Cluster, store: Store, config: HealthConfig) -> None:
+    def __init__(self, cluster: Cluster, store: Store, local: Store, config: HealthConfig, replica_id: str) -> None:
         self.cluster = cluster
         self.store = store
+        self.local = local
         self.config = config
-        self._passes: dict[str, int] = {}
-        self._fails: dict[str, int] = {}
-        self.last_error: dict[str, str] = {}
+        self.policy = policy_of(config)
+        self.replica_id = replica_id
+        self.records: dict[str, NodeHealth] = {}
+        self.shared = True
+        """False while the shared store is unreachable (health is then kept per replica)."""
+
+    # -- probes ----------------------------------------------------------------------------------
 
     async def probe(self, node_id: str) -> str | None:
         """None if the node answers both probes properly, else why not."""
@@ -72,45 +93,113 @@ class HealthMonitor:
             return f"model {node.model!r} is not served"
         return None
 
-    async def _set(self, node_id: str, state: NodeState) -> None:
-        old = self.cluster.states.get(node_id)
-        if old == state:
-            return
-        self.cluster.states[node_id] = state
-        log.info("node %s: %s -> %s", node_id, old, state)
-        with contextlib.suppress(StateUnavailable):
-            await self.store.set_node_state(node_id, state)
+    async def round(self, *, everyone: bool = False) -> None:
+        """One health round: read the shared records, probe what is ours to probe, publish, refresh.
 
-    async def check(self, node_id: str) -> None:
+        `everyone`: probe every node whose breaker allows it, leases or not (a replica starting up must
+        not serve with an empty view while another replica's probe is still under way).
+        """
+        try:
+            await self._round(self.store, everyone)
+            self._set_shared(True)
+        except StateUnavailable:
+            self._set_shared(False)
+            await self._round(self.local, everyone)
+
+    async def _round(self, store: Store, everyone: bool = False) -> None:
+        records = await store.health()
+        now = now_ms()
+        ttl_ms = max(1, int(self.config.interval_s * 1000) - 50)
+        due = [n for n in list(self.cluster.nodes) if probe_due(records.get(n, NodeHealth()), now)]
+        claimed = [n for n in due if everyone or await store.claim_probe(n, self.replica_id, ttl_ms)]
+        await asyncio.gather(*(self._probe_and_record(store, n, records.get(n, NodeHealth())) for n in claimed))
+        self._apply(await store.health())
+
+    async def _probe_and_record(self, store: Store, node_id: str, record: NodeHealth) -> None:
+        if record.breaker == Breaker.OPEN:
+            await self._change(store, node_id, start_trial)
         error = await self.probe(node_id)
+        if node_id in self.cluster.nodes:
+            await self._change(store, node_id, lambda h: on_probe(h, error, self.policy, now_ms(), random.random()))
+
+    # -- changing a record -----------------------------------------------------------------------
+
+    async def _change(self, store: Store, node_id: str, change: Callable[[NodeHealth], NodeHealth]) -> NodeHealth:
+        """Apply `change` to the node's shared record by compare-and-set, retrying on conflicts."""
+        record = NodeHealth()
+        for _ in range(CAS_ATTEMPTS):
+            record = (await store.health()).get(node_id, NodeHealth())
+            new = change(record)
+            if new == record:
+                break
+            if await store.cas_health(node_id, new):
+                record = msgspec.structs.replace(new, version=new.version + 1)
+                self._log_change(node_id, self.records.get(node_id), record)
+                break
+        self.records[node_id] = record
+        self._apply_one(node_id, record)
+        return record
+
+    async def change(self, node_id: str, change: Callable[[NodeHealth], NodeHealth]) -> NodeHealth:
+        try:
+            record = await self._change(self.store, node_id, change)
+            self._set_shared(True)
+            return record
+        except StateUnavailable:
+            self._set_shared(False)
+            return await self._change(self.local, node_id, change)
+
+    async def report_request(self, node_id: str, failure: NodeFailure | None) -> None:
+        """A real request ended on this node. Successes cost no I/O unless they heal a node."""
         if node_id not in self.cluster.nodes:
             return
-        if error is None:
-            self._passes[node_id] = self._passes.get(node_id, 0) + 1
-            self._fails[node_id] = 0
-            self.last_error.pop(node_id, None)
-        else:
-            self._fails[node_id] = self._fails.get(node_id, 0) + 1
-            self._passes[node_id] = 0
-            self.last_error[node_id] = error
-        state = self.cluster.states.get(node_id, NodeState.INITIALIZING)
-        await self._set(node_id, next_state(state, self._passes[node_id], self._fails[node_id], self.config))
+        current = self.records.get(node_id, NodeHealth())
+        if failure is None and on_request(current, None, "", self.policy, 0) == current:
+            return
+        if failure is not None and failure.kind == "http_4xx":
+            return  # the request's fault, not the node's
+        kind = failure.kind if failure is not None else None
+        message = failure.message if failure is not None else ""
+        await self.change(node_id, lambda h: on_request(h, kind, message, self.policy, now_ms(), random.random()))
 
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(n) for n in list(self.cluster.nodes)))
+    async def set_draining(self, node_id: str, draining: bool) -> NodeHealth:
+        return await self.change(node_id, lambda h: set_draining(h, draining))
 
-    async def report_failure(self, node_id: str, failure: NodeFailure) -> None:
-        """A real request failed on this node: unreachable nodes leave rotation at once."""
-        if failure.kind == "connect" and node_id in self.cluster.nodes:
-            self._passes[node_id] = 0
-            self._fails[node_id] = max(self._fails.get(node_id, 0), self.config.fail_threshold)
-            self.last_error[node_id] = failure.message
-            await self._set(node_id, NodeState.UNHEALTHY)
+    # -- the local view ----------------------------------------------------------------------------
+
+    def _apply(self, records: dict[str, NodeHealth]) -> None:
+        for node_id in list(self.cluster.nodes):
+            record = records.get(node_id, NodeHealth())
+            self._log_change(node_id, self.records.get(node_id), record)
+            self.records[node_id] = record
+            self._apply_one(node_id, record)
+
+    def _apply_one(self, node_id: str, record: NodeHealth) -> None:
+        if node_id in self.cluster.nodes:
+            self.cluster.states[node_id] = record.state
+            if record.draining:
+                self.cluster.draining.add(node_id)
+            else:
+                self.cluster.draining.discard(node_id)
+
+    def _log_change(self, node_id: str, old: NodeHealth | None, new: NodeHealth) -> None:
+        if old is None or old.state != new.state or old.draining != new.draining:
+            before = "-" if old is None else f"{old.state}{' (draining)' if old.draining else ''}"
+            why = f": {new.last_error}" if new.last_error and new.state != "healthy" else ""
+            log.info("node %s: %s -> %s%s%s", node_id, before, new.state, " (draining)" if new.draining else "", why)
+
+    def _set_shared(self, ok: bool) -> None:
+        if ok != self.shared:
+            log.warning("node health %s", "shared again" if ok else "kept locally: the shared store is unreachable")
+        self.shared = ok
+
+    def last_error(self, node_id: str) -> str:
+        return self.records.get(node_id, NodeHealth()).last_error
 
     async def run(self) -> None:
         while True:
-            try:
-                await self.check_all()
-            except Exception:  # a probe bug must not end probing for the life of the process
-                log.exception("health check round failed")
             await asyncio.sleep(self.config.interval_s)
+            try:
+                await self.round()
+            except Exception:  # a probe bug must not end probing for the life of the process
+                log.exception("health round failed")

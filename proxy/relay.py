@@ -92,11 +92,12 @@ class Attempt:
     async def succeed(self) -> None:
         total = (time.monotonic() - self.started) * 1000
         await self._finish(Outcome(True, self.ttft_ms or total, total, "", self.prompt_tokens, self.cached_tokens))
+        await self.gw.health.report_request(self.decision.node_id, None)
 
     async def fail(self, failure: NodeFailure) -> None:
         total = (time.monotonic() - self.started) * 1000
         await self._finish(Outcome(False, self.ttft_ms, total, failure.kind))
-        await self.gw.health.report_failure(self.decision.node_id, failure)
+        await self.gw.health.report_request(self.decision.node_id, failure)
         log.warning("node %s failed request %s: %s", self.decision.node_id, self.prep.request_id, failure.message)
 
     async def abandon(self) -> None:

@@ -11,7 +11,9 @@ All keys start with the configured prefix (`mlxmux:` by default):
     {prefix}node:{node}:total          LIST    recent total-time samples, ms (capped)
     {prefix}block:{hash}               HASH    node id -> last time routed there, ms (TTL: prefix TTL)
     {prefix}rr:{pool}                  STRING  round-robin counter of the pool
-    {prefix}node-states                HASH    node id -> health state
+    {prefix}node-health                HASH    node id -> health record (JSON, state.health.NodeHealth)
+    {prefix}probe:{node}               STRING  replica probing the node this interval (TTL: the interval)
+    {prefix}registry                   HASH    node id -> node added at run time (JSON), or a removal mark
 
 `{pool}` has `%` and `:` percent-escaped, so `{pool}:{session}` splits unambiguously at its first colon.
 Node ids are used as they are: every node key ends in a fixed kind name, which keeps them apart.
@@ -25,7 +27,9 @@ SESSION = "session:"
 NODE = "node:"
 BLOCK = "block:"
 RR = "rr:"
-NODE_STATES = "node-states"
+NODE_HEALTH = "node-health"
+PROBE = "probe:"
+REGISTRY = "registry"
 
 # kinds of per-node keys: {prefix}node:{node}:{kind}
 SESSIONS = "sessions"
@@ -82,8 +86,16 @@ def rr_key(prefix: str, pool: str) -> str:
     return f"{prefix}{RR}{escape_pool(pool)}"
 
 
-def node_states_key(prefix: str) -> str:
-    return f"{prefix}{NODE_STATES}"
+def node_health_key(prefix: str) -> str:
+    return f"{prefix}{NODE_HEALTH}"
+
+
+def probe_key(prefix: str, node_id: str) -> str:
+    return f"{prefix}{PROBE}{node_id}"
+
+
+def registry_key(prefix: str) -> str:
+    return f"{prefix}{REGISTRY}"
 
 
 def lua_prelude() -> str:

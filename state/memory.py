@@ -14,12 +14,14 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 
+import msgspec
+
 from state import keys
+from state.health import NodeHealth
 from state.policy import NodeLoad, choose_node
 from state.types import (
     Decision,
     Lease,
-    NodeState,
     NodeStats,
     NodeView,
     Outcome,
@@ -81,7 +83,9 @@ class MemoryStore:
         """node id -> block hash -> last routed ms, least recently routed first"""
         self._rr: dict[str, int] = {}
         self._stats: dict[str, _Stats] = {}
-        self._states: dict[str, NodeState] = {}
+        self._health: dict[str, NodeHealth] = {}
+        self._probes: dict[str, tuple[str, int]] = {}
+        self._registry: dict[str, bytes] = {}
         self._last_sweep = clock()
 
     # -- the hot path --------------------------------------------------------------------------
@@ -174,13 +178,32 @@ class MemoryStore:
             self._drop_block(node_id, block)
         self._leases.pop(node_id, None)
         self._stats.pop(node_id, None)
-        self._states.pop(node_id, None)
+        self._health.pop(node_id, None)
 
-    async def set_node_state(self, node_id: str, state: NodeState) -> None:
-        self._states[node_id] = state
+    async def health(self) -> dict[str, NodeHealth]:
+        return dict(self._health)
 
-    async def node_states(self) -> dict[str, NodeState]:
-        return dict(self._states)
+    async def cas_health(self, node_id: str, health: NodeHealth) -> bool:
+        current = self._health.get(node_id)
+        if (current.version if current is not None else 0) != health.version:
+            return False
+        self._health[node_id] = msgspec.structs.replace(health, version=health.version + 1)
+        return True
+
+    async def claim_probe(self, node_id: str, owner: str, ttl_ms: int) -> bool:
+        now = self._clock()
+        holder = self._probes.get(node_id)
+        if holder is not None and holder[1] > now and holder[0] != owner:
+            return False
+        if holder is None or holder[1] <= now:
+            self._probes[node_id] = (owner, now + max(1, ttl_ms))
+        return True
+
+    async def registry(self) -> dict[str, bytes]:
+        return dict(self._registry)
+
+    async def register_node(self, node_id: str, data: bytes) -> None:
+        self._registry[node_id] = data
 
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
         now = self._clock()

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as redis
 from redis.asyncio.client import Redis
 from redis.backoff import NoBackoff
@@ -25,11 +26,11 @@ from redis.retry import Retry
 
 from state import keys
 from state.errors import StateUnavailable
+from state.health import NodeHealth
 from state.policy import rendezvous_rank, tie_key
 from state.types import (
     Decision,
     Lease,
-    NodeState,
     NodeStats,
     NodeView,
     Outcome,
@@ -39,7 +40,8 @@ from state.types import (
     median,
 )
 
-SCRIPTS = ("route", "finish", "renew", "forget_prefix", "unbind", "remove_node", "node_views")
+SCRIPTS = ("route", "finish", "renew", "forget_prefix", "unbind", "remove_node", "node_views", "cas_health")
+_health_decoder = msgspec.json.Decoder(NodeHealth)
 
 
 def _script_source(name: str) -> str:
@@ -174,23 +176,40 @@ class RedisStore:
                     keys.node_key(self.prefix, node_id, kind)
                     for kind in (keys.SESSIONS, keys.BLOCKS, keys.LEASES, keys.STATS, keys.TTFT, keys.TOTAL)
                 ),
-                keys.node_states_key(self.prefix),
+                keys.node_health_key(self.prefix),
             ],
             [node_id],
         )
 
-    async def set_node_state(self, node_id: str, state: NodeState) -> None:
-        with _unavailable("set_node_state"):
-            await self.client.hset(keys.node_states_key(self.prefix), node_id, state.value)
-
-    async def node_states(self) -> dict[str, NodeState]:
-        with _unavailable("node_states"):
-            raw = await self.client.hgetall(keys.node_states_key(self.prefix))
-        states = {}
+    async def health(self) -> dict[str, NodeHealth]:
+        with _unavailable("health"):
+            raw = await self.client.hgetall(keys.node_health_key(self.prefix))
+        records = {}
         for node_id, value in raw.items():
-            with contextlib.suppress(ValueError):
-                states[str(node_id)] = NodeState(str(value))
-        return states
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                records[str(node_id)] = _health_decoder.decode(value)
+        return records
+
+    async def cas_health(self, node_id: str, health: NodeHealth) -> bool:
+        new = msgspec.json.encode(msgspec.structs.replace(health, version=health.version + 1)).decode()
+        written = await self._run("cas_health", [keys.node_health_key(self.prefix)], [node_id, health.version, new])
+        return bool(written)
+
+    async def claim_probe(self, node_id: str, owner: str, ttl_ms: int) -> bool:
+        key = keys.probe_key(self.prefix, node_id)
+        with _unavailable("claim_probe"):
+            if await self.client.set(key, owner, nx=True, px=max(1, ttl_ms)):
+                return True
+            return bool(await self.client.get(key) == owner)
+
+    async def registry(self) -> dict[str, bytes]:
+        with _unavailable("registry"):
+            raw = await self.client.hgetall(keys.registry_key(self.prefix))
+        return {str(k): str(v).encode() for k, v in raw.items()}
+
+    async def register_node(self, node_id: str, data: bytes) -> None:
+        with _unavailable("register_node"):
+            await self.client.hset(keys.registry_key(self.prefix), node_id, data.decode())
 
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
         if not node_ids:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from state.types import Decision, Lease, NodeState, NodeView, Outcome, RouteRequest, SessionBinding
+from state.health import NodeHealth
+from state.types import Decision, Lease, NodeView, Outcome, RouteRequest, SessionBinding
 
 
 class Store(Protocol):
@@ -54,15 +55,30 @@ class Store(Protocol):
         ...
 
     async def remove_node(self, node_id: str) -> None:
-        """Drop everything known of a node: its bindings, prefix entries, leases, stats and state."""
+        """Drop everything known of a node: its bindings, prefix entries, leases, stats and health record
+        (not its registry entry)."""
         ...
 
-    async def set_node_state(self, node_id: str, state: NodeState) -> None:
-        """Record a node's health state as every replica will see it."""
+    async def health(self) -> dict[str, NodeHealth]:
+        """Every node's shared health record, by node id (nodes never recorded are absent)."""
         ...
 
-    async def node_states(self) -> dict[str, NodeState]:
-        """Health states recorded so far, by node id (nodes never recorded are absent)."""
+    async def cas_health(self, node_id: str, health: NodeHealth) -> bool:
+        """Store `health` as the node's record, with version `health.version + 1`, if the stored record
+        still has `health.version` (0 = none yet). False if another writer got there first."""
+        ...
+
+    async def claim_probe(self, node_id: str, owner: str, ttl_ms: int) -> bool:
+        """True for the one caller that gets to probe the node in the next `ttl_ms` (owner = replica id;
+        the owner itself is granted it again)."""
+        ...
+
+    async def registry(self) -> dict[str, bytes]:
+        """Nodes added or removed at run time, by node id (opaque JSON written by `register_node`)."""
+        ...
+
+    async def register_node(self, node_id: str, data: bytes) -> None:
+        """Record (or replace) a registry entry."""
         ...
 
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:

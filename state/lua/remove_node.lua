@@ -1,9 +1,9 @@
 -- remove_node: drop everything known of a node (Store.remove_node): the sessions bound to it, its
--- prefix-index entries, leases, outcome stats and health state.
+-- prefix-index entries, leases, outcome stats and health record.
 --
 -- KEYS[1]  {P}node:{node}:sessions   KEYS[2] {P}node:{node}:blocks   KEYS[3] {P}node:{node}:leases
 -- KEYS[4]  {P}node:{node}:stats      KEYS[5] {P}node:{node}:ttft     KEYS[6] {P}node:{node}:total
--- KEYS[7]  {P}node-states
+-- KEYS[7]  {P}node-health
 -- ARGV[1]  key prefix {P} (binding and block keys are built from it)
 -- ARGV[2]  node id
 -- returns  {bindings dropped, blocks dropped}

@@ -6,10 +6,12 @@ import asyncio
 import collections
 import time
 
+import msgspec
 import pytest
 
 from state import open_store
 from state.errors import StateUnavailable
+from state.health import NodeHealth
 from state.memory import MemoryStore
 from state.redis_store import RedisStore
 from state.store import Store
@@ -278,20 +280,60 @@ class TestStore:
         assert (fresh.inflight, fresh.sessions, fresh.stats.ok, fresh.stats.ttft_p50_ms) == (0, 0, 0, None)
         assert await replicas[0].node_views([]) == []
 
-    async def test_node_states(self, make_stores: StoreFactory) -> None:
+    async def test_health_records_are_compare_and_set(self, make_stores: StoreFactory) -> None:
         a, b = await make_stores(2)
-        assert await a.node_states() == {}
-        await a.set_node_state("mac1", NodeState.HEALTHY)
-        await b.set_node_state("mac2", NodeState.UNHEALTHY)
-        await b.set_node_state("mac1", NodeState.DEGRADED)
-        assert await a.node_states() == {"mac1": NodeState.DEGRADED, "mac2": NodeState.UNHEALTHY}
+        assert await a.health() == {}
+        healthy = NodeHealth(state=NodeState.HEALTHY)
+        assert await a.cas_health("mac1", healthy)  # version 0 = no record yet
+        assert not await b.cas_health("mac1", healthy)  # b read "no record" too: it lost
+        (seen,) = (await b.health()).values()
+        assert (seen.state, seen.version) == (NodeState.HEALTHY, 1)
+        assert await b.cas_health("mac1", msgspec.structs.replace(seen, state=NodeState.DEGRADED, draining=True))
+        assert not await a.cas_health("mac1", msgspec.structs.replace(seen, state=NodeState.UNHEALTHY))
+        await a.cas_health("mac2", NodeHealth(state=NodeState.UNHEALTHY, last_error="refused"))
+        records = await a.health()
+        assert {n: (r.state, r.draining, r.version) for n, r in records.items()} == {
+            "mac1": (NodeState.DEGRADED, True, 2),
+            "mac2": (NodeState.UNHEALTHY, False, 1),
+        }
+        assert records["mac2"].last_error == "refused"
+
+    async def test_concurrent_health_writers_lose_nothing(self, make_stores: StoreFactory) -> None:
+        """Replicas counting failures at once through read-modify-CAS loops: every increment lands."""
+        stores = await make_stores(3)
+
+        async def bump(store: Store) -> None:
+            while True:
+                current = (await store.health()).get("mac1", NodeHealth())
+                if await store.cas_health("mac1", msgspec.structs.replace(current, fails=current.fails + 1)):
+                    return
+
+        await asyncio.gather(*(bump(stores[i % 3]) for i in range(30)))
+        assert (await stores[0].health())["mac1"].fails == 30
+
+    async def test_probe_lease_goes_to_one_replica_per_interval(self, make_stores: StoreFactory) -> None:
+        a, b = await make_stores(2)
+        assert await a.claim_probe("mac1", "replica-a", 300)
+        assert await a.claim_probe("mac1", "replica-a", 300)  # the holder keeps it
+        assert not await b.claim_probe("mac1", "replica-b", 300)
+        assert await b.claim_probe("mac2", "replica-b", 300)  # per node
+        await asyncio.sleep(0.4)
+        assert await b.claim_probe("mac1", "replica-b", 300)  # expired: someone else probes
+        assert not await a.claim_probe("mac1", "replica-a", 300)
+
+    async def test_registry(self, make_stores: StoreFactory) -> None:
+        a, b = await make_stores(2)
+        assert await a.registry() == {}
+        await a.register_node("mac9", b'{"url": "http://mac9:8080"}')
+        await b.register_node("mac1", b'{"removed": true}')
+        assert await b.registry() == {"mac9": b'{"url": "http://mac9:8080"}', "mac1": b'{"removed": true}'}
 
     async def test_remove_node_drops_everything_known_of_it(self, store: Store) -> None:
         target = NODES[0]
         for i in range(3):
             await store.route(req(prompt(f"s{i}", 3), f"s{i}", candidates=(target,)))
         kept = await store.route(req(prompt("keep", 3), "keep", candidates=NODES[1:2]))
-        await store.set_node_state(target.node_id, NodeState.HEALTHY)
+        await store.cas_health(target.node_id, NodeHealth(state=NodeState.HEALTHY))
         d = await store.route(req(candidates=(target,)))
         await store.finish(d.lease, Outcome(ok=True, ttft_ms=5.0, total_ms=6.0))
 
@@ -299,7 +341,7 @@ class TestStore:
         assert [(b.session, b.node_id) for b in await store.sessions()] == [("keep", kept.node_id)]
         (v,) = await store.node_views([target.node_id])
         assert (v.inflight, v.sessions, v.stats.ok) == (0, 0, 0)
-        assert await store.node_states() == {}
+        assert await store.health() == {}
         assert await held_blocks(store, target.node_id) == 0
         again = await store.route(req(prompt("s0", 3), candidates=(target,)))
         assert (again.reason, again.matched_blocks) == ("cold", 0)
@@ -361,8 +403,10 @@ async def test_unreachable_redis_fails_fast() -> None:
         store.finish(Lease("mac1", "l"), Outcome(ok=True)),
         store.renew([Lease("mac1", "l")], 1000),
         store.node_views(["mac1"]),
-        store.node_states(),
-        store.set_node_state("mac1", NodeState.HEALTHY),
+        store.health(),
+        store.cas_health("mac1", NodeHealth()),
+        store.claim_probe("mac1", "r", 1000),
+        store.registry(),
         store.sessions(),
         store.ping(),
     ):

@@ -1,0 +1,157 @@
+"""Kubernetes discovery over real HTTP against a fake API server that checks the bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from proxy.config import DiscoveryConfig, NodeConfig
+from proxy.discovery import DiscoveryError, DiscoveryRunner, KubernetesDiscovery
+
+SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/ml/endpointslices"
+
+
+class FakeApiServer:
+    """Serves the EndpointSlices of service `mlx` in namespace `ml` to whoever holds `token`."""
+
+    def __init__(self) -> None:
+        self.token = "token-1"
+        self.status = 200
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, dict[str, list[str]]]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                api.requests.append((parts.path, parse_qs(parts.query)))
+                if self.headers.get("authorization") != f"Bearer {api.token}":
+                    self.reply(401, {"kind": "Status", "reason": "Unauthorized", "code": 401})
+                elif api.status != 200:
+                    self.reply(api.status, {"kind": "Status", "reason": "InternalError", "code": api.status})
+                elif parts.path != SLICES_PATH:
+                    self.reply(404, {"kind": "Status", "reason": "NotFound", "code": 404})
+                else:
+                    self.reply(200, api.slices())
+
+            def reply(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def pod(self, name: str, ip: str, *, ready: bool = True, terminating: bool = False) -> None:
+        self.pods[name] = {
+            "addresses": [ip],
+            "conditions": {"ready": ready, "serving": ready or terminating, "terminating": terminating},
+            "targetRef": {"kind": "Pod", "namespace": "ml", "name": name},
+        }
+
+    def slices(self) -> dict[str, Any]:
+        # Two slices, as the EndpointSlice controller splits large services.
+        pods = sorted(self.pods)
+        halves = [pods[: len(pods) // 2], pods[len(pods) // 2 :]]
+        items = [
+            {
+                "metadata": {"name": f"mlx-{i}", "labels": {"kubernetes.io/service-name": "mlx"}},
+                "addressType": "IPv4",
+                "endpoints": [self.pods[p] for p in half] or None,
+                "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+            }
+            for i, half in enumerate(halves)
+        ]
+        return {"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1", "items": items}
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    server = FakeApiServer()
+    thread = threading.Thread(target=server.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.server.shutdown()
+        server.server.server_close()
+        thread.join(5)
+
+
+def ids(nodes: list[NodeConfig]) -> list[str]:
+    return [n.id for n in nodes]
+
+
+def test_pods_come_and_go_tokens_rotate_and_failures_raise(api: FakeApiServer, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("token-1")
+    (tmp_path / "namespace").write_text("ml")
+    config = DiscoveryConfig(
+        mode="kubernetes",
+        service="mlx",
+        port_name="http",
+        api_server=api.url,
+        token_file=str(token),
+        pool="big",
+    )
+    source = KubernetesDiscovery(config)
+    runner = DiscoveryRunner(source, [NodeConfig(id="mac1", url="http://10.1.0.5:8080")])
+    api.pod("mlx-a", "10.1.0.5")  # the configured mac1's address: merged into it
+    api.pod("mlx-b", "10.1.0.6")
+
+    async def scenario() -> None:
+        added, removed = await runner.refresh()
+        assert (ids(added), removed) == (["mlx-b"], [])
+        assert (added[0].url, added[0].pool) == ("http://10.1.0.6:8080", "big")
+        assert api.requests[-1] == (SLICES_PATH, {"labelSelector": ["kubernetes.io/service-name=mlx"]})
+
+        api.pod("mlx-c", "10.1.0.7")
+        assert ids(await source.poll()) == ["mlx-a", "mlx-b", "mlx-c"]
+
+        api.pod("mlx-b", "10.1.0.6", ready=False, terminating=True)
+        del api.pods["mlx-a"]
+        added, removed = await runner.refresh()
+        assert (ids(added), ids(removed)) == (["mlx-c"], ["mlx-b"])
+        assert ids(runner.nodes) == ["mac1", "mlx-c"]
+
+        api.token = "token-2"  # rotated: the old token is refused, the kubelet writes the new one
+        with pytest.raises(DiscoveryError, match=r"refused .* \(401\)"):
+            await source.poll()
+        assert await runner.refresh() == ([], [])
+        assert ids(runner.nodes) == ["mac1", "mlx-c"]
+        token.write_text("token-2\n")
+        assert ids(await source.poll()) == ["mlx-c"]
+
+        api.status = 500
+        with pytest.raises(DiscoveryError, match="answered 500 listing endpointslices of service 'mlx'"):
+            await source.poll()
+        assert runner.events.discovered == 2 and runner.events.lost == 1
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_api_server_is_a_discovery_error(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("t")
+    config = DiscoveryConfig(
+        mode="kubernetes",
+        service="mlx",
+        namespace="ml",
+        api_server="http://127.0.0.1:9",
+        token_file=str(tmp_path / "token"),
+    )
+    with pytest.raises(DiscoveryError, match=r"kubernetes API http://127\.0\.0\.1:9 unreachable"):
+        asyncio.run(KubernetesDiscovery(config).poll())
