@@ -1,9 +1,9 @@
 # Targets used by the README, CI (.ci/run) and pre-commit alike.
 PYTHON ?= python3
 
-.PHONY: test install-test redis check lint typecheck unit demo bench
+.PHONY: test install-test redis haproxy check lint typecheck unit demo bench
 
-test: install-test redis check
+test: install-test redis haproxy check
 	$(PYTHON) -m pytest -q
 
 install-test:
@@ -15,6 +15,13 @@ redis:
 	  echo "installing redis-server (Debian package)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+# tests/integration/test_topology.py runs the shipped deploy/haproxy.cfg with the real binary.
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || { \
+	  echo "installing haproxy (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq haproxy >/dev/null; }
 
 check: lint typecheck
 

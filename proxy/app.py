@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy import admin
 from proxy.cluster import Cluster
 from proxy.config import Settings, load_settings
 from proxy.errors import GatewayError, NotFound, error_body, error_headers
@@ -106,7 +107,11 @@ async def ready(request: Request) -> Response:
 
 
 async def cluster(request: Request) -> Response:
-    gw = _gateway(request)
+    return JSONResponse(await cluster_view(_gateway(request)))
+
+
+async def cluster_view(gw: Gateway) -> dict[str, object]:
+    """The replica's view of the cluster (GET /cluster, `mlxmux status`)."""
     ids = list(gw.cluster.nodes)
     try:
         views = {v.node_id: v for v in await gw.store.node_views(ids)}
@@ -135,15 +140,14 @@ async def cluster(request: Request) -> Response:
             entry["sessions"] = view.sessions
             entry["stats"] = msgspec.to_builtins(view.stats)
         nodes.append(entry)
-    return JSONResponse(
-        {
-            "status": gw.cluster.status(),
-            "strategy": str(gw.settings.routing.strategy),
-            "store": "shared" if gw.settings.redis_url else "memory",
-            "store_reachable": gw.store_ok,
-            "nodes": nodes,
-        }
-    )
+    return {
+        "status": gw.cluster.status(),
+        "strategy": str(gw.settings.routing.strategy),
+        "store": "shared" if gw.settings.redis_url else "memory",
+        "store_reachable": gw.store_ok and gw.health.shared,
+        "replica": gw.replica_id,
+        "nodes": nodes,
+    }
 
 
 async def models(request: Request) -> Response:
@@ -198,6 +202,11 @@ def build_app(
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/admin/nodes", admin.list_nodes, methods=["GET"]),
+        Route("/admin/nodes", admin.add_node, methods=["POST"]),
+        Route("/admin/nodes/{node_id:path}/drain", admin.drain, methods=["POST"]),
+        Route("/admin/nodes/{node_id:path}/undrain", admin.undrain, methods=["POST"]),
+        Route("/admin/nodes/{node_id:path}", admin.remove_node, methods=["DELETE"]),
         Route("/{path:path}", not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

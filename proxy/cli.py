@@ -1,4 +1,4 @@
-"""`mlxmux` command line: serve, sim-node, demo.
+"""`mlxmux` command line: serve, status, nodes, sim-node, demo.
 
 Configuration errors print one line (`mlxmux: error: …`) and exit with status 2.
 """
@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from proxy import ops
 from proxy.config import ConfigError, Settings, load_settings
 
 
@@ -80,12 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlxmux", description="Claude Code gateway for a team's own Macs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
+    ops.add_parsers(sub)
     sub.add_parser("sim-node", help="run a simulated mlx_lm.server (mlxmux sim-node --help)", add_help=False)
     sub.add_parser("demo", help="start sim nodes and a gateway to try with Claude Code", add_help=False)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return serve(settings_from_args(args))
+        if args.command in ("status", "nodes"):
+            return ops.run(args)
     except ConfigError as exc:
         print(f"mlxmux: error: {exc}", file=sys.stderr)
         return 2

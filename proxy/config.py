@@ -58,6 +58,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     accept_wait_s: float = 1.0
     """How long to wait for the node's response headers before sending message_start anyway."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    admin_token: str | None = None
+    """Bearer token for the admin API (/admin/…); unset = loopback clients only."""
 
 
 class TimeoutConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -172,7 +174,8 @@ def parse_node(spec: str) -> NodeConfig:
     return NodeConfig(url=url, id=node_id)
 
 
-def _finish_node(node: NodeConfig) -> NodeConfig:
+def normalize_node(node: NodeConfig) -> NodeConfig:
+    """Check a node's URL and limits; strip a trailing /v1; default its id to host:port."""
     parts = urlsplit(node.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"node url {node.url!r} is not an http(s) URL (expected e.g. http://mac1:8080)")
@@ -216,6 +219,7 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_MAX_TOKENS_CAP": ("server", "max_tokens_cap"),
     "MLXMUX_PING_INTERVAL_S": ("server", "ping_interval_s"),
     "MLXMUX_LOG_LEVEL": ("server", "log_level"),
+    "MLXMUX_ADMIN_TOKEN": ("server", "admin_token"),
     "MLXMUX_STRATEGY": ("routing", "strategy"),
     "MLXMUX_SESSION_TTL_S": ("routing", "session_ttl_s"),
     "MLXMUX_MAX_ATTEMPTS": ("routing", "max_attempts"),
@@ -269,7 +273,7 @@ def load_settings(
     if specs:
         data["nodes"] = [msgspec.to_builtins(parse_node(s)) for s in specs]
     settings = _decode(data, source)
-    finished = [_finish_node(n) for n in settings.nodes]
+    finished = [normalize_node(n) for n in settings.nodes]
     seen: set[str] = set()
     for n in finished:
         if n.id in seen:

@@ -18,8 +18,10 @@ from collections.abc import Iterable, Sequence
 
 from proxy.cluster import Cluster
 from proxy.config import Settings
+from proxy.discovery import DiscoveryRunner, make_discovery
 from proxy.errors import ClusterUnavailable
 from proxy.health import HealthMonitor
+from proxy.membership import Membership
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
 from state.store import Store
@@ -36,6 +38,10 @@ class Gateway:
         self.local_store: Store = MemoryStore()
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.health = HealthMonitor(cluster, store, self.local_store, settings.health, self.replica_id)
+        source = make_discovery(settings)
+        runner = DiscoveryRunner(source, []) if source is not None else None
+        self.membership = Membership(cluster, store, list(settings.nodes), runner)
+        self.membership.discovery_interval_s = settings.discovery.interval_s
         self.inflight: set[Lease] = set()
         self.store_ok = True
         self.latency_order: tuple[str, ...] = ()
@@ -43,8 +49,9 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        await self.membership.sync()
         await self.health.round(everyone=True)
-        self._tasks.append(asyncio.create_task(self.health.run(), name="mlxmux-health"))
+        self._tasks.append(asyncio.create_task(self._maintain(), name="mlxmux-health"))
         self._tasks.append(asyncio.create_task(self._renew_leases(), name="mlxmux-leases"))
         if self.settings.routing.strategy == Strategy.LATENCY_BASED:
             self._tasks.append(asyncio.create_task(self._refresh_latency(), name="mlxmux-latency"))
@@ -113,6 +120,16 @@ class Gateway:
                 await self.store.renew(list(self.inflight), ttl_ms)
             except StateUnavailable:
                 self._mark_store(False)
+
+    async def _maintain(self) -> None:
+        """Every health interval: the node set (registry, discovery), then a health round."""
+        while True:
+            await asyncio.sleep(self.settings.health.interval_s)
+            try:
+                await self.membership.sync()
+                await self.health.round()
+            except Exception:  # a bug here must not end health checking for the life of the process
+                log.exception("health round failed")
 
     async def _refresh_latency(self) -> None:
         while True:

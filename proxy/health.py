@@ -195,11 +195,3 @@ class HealthMonitor:
 
     def last_error(self, node_id: str) -> str:
         return self.records.get(node_id, NodeHealth()).last_error
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.interval_s)
-            try:
-                await self.round()
-            except Exception:  # a probe bug must not end probing for the life of the process
-                log.exception("health round failed")

@@ -119,6 +119,7 @@ class SimApp:
             if full.startswith("/v1/models"):
                 await self._models(full, send)
             elif full == "/health":
+                self.node.stats.health_checks += 1
                 await self._health(send)
             else:
                 await send_response(send, 404, b"Not Found")

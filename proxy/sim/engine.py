@@ -65,6 +65,8 @@ class Stats(msgspec.Struct):
     requests: int = 0
     messages_requests: int = 0
     """Of `requests`, those on the native `POST /v1/messages` endpoint (--anthropic)."""
+    health_checks: int = 0
+    """`GET /health` calls (gateway probes)."""
     completed: int = 0
     errors: int = 0
     disconnects: int = 0
@@ -83,6 +85,7 @@ class StatsView(msgspec.Struct, frozen=True):
     model: str
     requests: int
     messages_requests: int
+    health_checks: int
     completed: int
     errors: int
     disconnects: int
@@ -126,6 +129,7 @@ class SimNode:
             model=self.config.model,
             requests=s.requests,
             messages_requests=s.messages_requests,
+            health_checks=s.health_checks,
             completed=s.completed,
             errors=s.errors,
             disconnects=s.disconnects,

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 
 from proxy.config import DiscoveryConfig, NodeConfig
 from proxy.discovery import DiscoveryError, DiscoveryRunner, KubernetesDiscovery
+from tests.integration.test_health import eventually, turn
+from tests.procs import Proc, free_port, gateway, mlxmux
 
 SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/ml/endpointslices"
 
@@ -24,6 +28,7 @@ class FakeApiServer:
 
     def __init__(self) -> None:
         self.token = "token-1"
+        self.port = 8080
         self.status = 200
         self.pods: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
@@ -72,7 +77,7 @@ class FakeApiServer:
                 "metadata": {"name": f"mlx-{i}", "labels": {"kubernetes.io/service-name": "mlx"}},
                 "addressType": "IPv4",
                 "endpoints": [self.pods[p] for p in half] or None,
-                "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+                "ports": [{"name": "http", "protocol": "TCP", "port": self.port}],
             }
             for i, half in enumerate(halves)
         ]
@@ -155,3 +160,55 @@ def test_unreachable_api_server_is_a_discovery_error(tmp_path: Path) -> None:
     )
     with pytest.raises(DiscoveryError, match=r"kubernetes API http://127\.0\.0\.1:9 unreachable"):
         asyncio.run(KubernetesDiscovery(config).poll())
+
+
+def sim_at(ip: str, port: int, node_id: str) -> Proc:
+    """A sim node on another loopback address (127.0.0.2, …), as a pod would have its own IP."""
+    proc = mlxmux("sim-node", "--host", ip, "--port", str(port), "--id", node_id, port=port, name=node_id)
+    for _ in range(150):
+        try:
+            if httpx.get(f"http://{ip}:{port}/health", timeout=0.5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.stop()
+    raise RuntimeError(f"sim {node_id} did not start on {ip}:{port}:\n{proc.output()}")
+
+
+def test_gateway_follows_the_service_endpoints(api: FakeApiServer, tmp_path: Path) -> None:
+    """A gateway process with kubernetes discovery: pods become nodes after a probe; a pod that goes
+    away is removed and its sessions move."""
+    port = free_port()
+    api.port = port
+    (tmp_path / "token").write_text("token-1")
+    (tmp_path / "namespace").write_text("ml")
+    config = tmp_path / "mlxmux.toml"
+    config.write_text(
+        f'[discovery]\nmode = "kubernetes"\nservice = "mlx"\napi_server = "{api.url}"\n'
+        f'token_file = "{tmp_path / "token"}"\ninterval_s = 0.3\n'
+    )
+    pod_a, pod_b = sim_at("127.0.0.2", port, "pod-a"), sim_at("127.0.0.3", port, "pod-b")
+    try:
+        api.pod("pod-a", "127.0.0.2")
+        env = {"MLXMUX_HEALTH_INTERVAL_S": "0.3"}
+        with gateway(extra=["--config", str(config)], env=env) as g:
+
+            def nodes() -> dict[str, str]:
+                return {n["id"]: n["state"] for n in httpx.get(g.url + "/cluster", timeout=5).json()["nodes"]}
+
+            eventually(lambda: nodes() == {"pod-a": "healthy"}, what="pod-a discovered and healthy")
+            session = "k8s-0000-4000-8000-000000000000"
+            turn(g, session)
+            api.pod("pod-b", "127.0.0.3")
+            eventually(lambda: nodes() == {"pod-a": "healthy", "pod-b": "healthy"}, what="pod-b discovered")
+            del api.pods["pod-a"]
+            eventually(lambda: nodes() == {"pod-b": "healthy"}, what="pod-a removed")
+            turn(g, session, "next")  # the session's node left: it moves
+            stats = httpx.get(f"http://127.0.0.3:{port}/_sim/stats", timeout=5).json()
+            assert session in stats["per_conversation"]
+    finally:
+        pod_a.stop()
+        pod_b.stop()

@@ -1,0 +1,165 @@
+"""Operator commands: `mlxmux status` and `mlxmux nodes …`, talking to a running gateway over HTTP.
+
+Every failure is one line on stderr (`mlxmux: error: …`) and exit status 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8420"
+
+
+class OpsError(Exception):
+    pass
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None, help=f"a gateway (MLXMUX_URL, default {DEFAULT_URL})")
+    common.add_argument("--token", default=None, help="admin token (MLXMUX_ADMIN_TOKEN)")
+
+    p = sub.add_parser("status", parents=[common], help="the cluster as a gateway sees it")
+    p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
+    p.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS", help="refresh (default every 2 s)")
+
+    n = sub.add_parser("nodes", parents=[common], help="list, add, remove, drain and undrain nodes on every replica")
+    actions = n.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", parents=[common], help="the nodes (default)")
+    add = actions.add_parser("add", parents=[common], help="add a node: mlxmux nodes add [ID=]URL")
+    add.add_argument("spec", metavar="[ID=]URL")
+    add.add_argument("--model", help="model id the node serves")
+    add.add_argument("--pool", help="pool (default: default)")
+    add.add_argument("--protocol", choices=["openai", "anthropic"])
+    add.add_argument("--max-concurrency", type=int)
+    add.add_argument("--cache-slots", type=int)
+    for name, text in (
+        ("remove", "remove a node (its sessions move)"),
+        ("drain", "stop sending new work to a node"),
+        ("undrain", "end a drain"),
+    ):
+        a = actions.add_parser(name, parents=[common], help=text)
+        a.add_argument("node_id", metavar="ID")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "status":
+            return _status(args)
+        return _nodes(args)
+    except OpsError as exc:
+        print(f"mlxmux: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _client(args: argparse.Namespace) -> tuple[httpx.Client, str]:
+    url = (args.url or os.environ.get("MLXMUX_URL") or DEFAULT_URL).rstrip("/")
+    token = args.token or os.environ.get("MLXMUX_ADMIN_TOKEN")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=10), url
+
+
+def _call(client: httpx.Client, url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    try:
+        r = client.request(method, path, json=body)
+    except httpx.HTTPError as exc:
+        raise OpsError(f"cannot reach the gateway at {url}: {exc}") from None
+    try:
+        data = r.json()
+    except ValueError:
+        raise OpsError(f"{url}{path} answered {r.status_code} with something that is not JSON") from None
+    if r.status_code >= 400:
+        message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+        raise OpsError(f"{method} {path}: {r.status_code} {message or data}")
+    return data
+
+
+def _status(args: argparse.Namespace) -> int:
+    client, url = _client(args)
+    with client:
+        while True:
+            view = _call(client, url, "GET", "/cluster")
+            if args.json:
+                print(json.dumps(view, indent=2))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                print(render_status(view, url))
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+
+
+def render_status(view: dict[str, Any], url: str) -> str:
+    """The status table, pure."""
+    store = view.get("store", "?")
+    reachable = "" if view.get("store_reachable", True) else " (unreachable: routing locally)"
+    lines = [
+        f"cluster {view.get('status', '?')} · {len(view.get('nodes', []))} nodes · strategy {view.get('strategy')}"
+        f" · store {store}{reachable} · via {url}",
+        "",
+    ]
+    header = ("NODE", "STATE", "IN-FLIGHT", "TTFT p50", "CACHED", "SESSIONS", "OK/ERR", "URL")
+    rows = [header]
+    for n in view.get("nodes", []):
+        stats = n.get("stats") or {}
+        ttft = stats.get("ttft_p50_ms")
+        prompt = stats.get("prompt_tokens") or 0
+        cached = f"{(stats.get('cached_tokens') or 0) / prompt:.0%}" if prompt else "-"
+        state = str(n.get("state", "?")) + (" (draining)" if n.get("draining") else "")
+        if n.get("breaker") not in (None, "closed"):
+            state += f" [{n['breaker']}]"
+        rows.append(
+            (
+                str(n.get("id")),
+                state,
+                f"{n.get('inflight', '-')}/{n.get('max_concurrency', '-')}",
+                f"{ttft:.0f} ms" if isinstance(ttft, int | float) else "-",
+                cached,
+                str(n.get("sessions", "-")),
+                f"{stats.get('ok', 0)}/{stats.get('errors', 0)}",
+                str(n.get("url")),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    errors = [f"  {n['id']}: {n['last_error']}" for n in view.get("nodes", []) if n.get("last_error")]
+    if errors:
+        lines += ["", "last errors:", *errors]
+    return "\n".join(lines)
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    client, url = _client(args)
+    action = args.action or "list"
+    with client:
+        if action == "list":
+            print(render_status({"nodes": _call(client, url, "GET", "/admin/nodes"), "status": "-"}, url))
+            return 0
+        if action == "add":
+            node_id, sep, node_url = args.spec.partition("=")
+            if not sep or "://" in node_id:
+                node_id, node_url = "", args.spec
+            body: dict[str, Any] = {"url": node_url, "id": node_id}
+            for key in ("model", "pool", "protocol", "max_concurrency", "cache_slots"):
+                if getattr(args, key) is not None:
+                    body[key] = getattr(args, key)
+            data = _call(client, url, "POST", "/admin/nodes", body)
+            print(f"added {data['added']} ({data['url']}) on every replica; it takes traffic once a probe passes")
+        elif action == "remove":
+            _call(client, url, "DELETE", f"/admin/nodes/{args.node_id}")
+            print(f"removed {args.node_id} on every replica; its sessions move at their next turn")
+        else:
+            data = _call(client, url, "POST", f"/admin/nodes/{args.node_id}/{action}")
+            done = "draining: no new requests, in-flight ones finish" if data["draining"] else "taking requests again"
+            print(f"{args.node_id}: {done} (state {data['state']})")
+    return 0
