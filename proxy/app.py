@@ -97,12 +97,15 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     gw = _gateway(request)
     routable = any(gw.cluster.candidates(pool) for pool in gw.cluster.pools())
-    try:
-        await gw.store.ping()
-        store = "ok"
-    except StateUnavailable:
-        store = "unreachable (routing locally)"
-    body = {"ready": routable, "cluster": gw.cluster.status(), "store": store}
+    if not gw.settings.redis_url:
+        mode = "memory"
+    else:
+        try:
+            await gw.store.ping()
+            mode = "shared"
+        except StateUnavailable:
+            mode = "degraded"  # routing on local knowledge; sessions pinned by a hash all replicas share
+    body = {"ready": routable, "cluster": gw.cluster.status(), "mode": mode}
     return JSONResponse(body, status_code=200 if routable else 503)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -61,9 +62,14 @@ def serve(settings: Settings) -> int:
         port=settings.server.port,
         log_level=settings.server.log_level,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(1, round(settings.server.shutdown_grace_s)),
         server_header=False,
     )
+    # uvicorn stops gracefully on SIGTERM (no new connections, in-flight streams get
+    # timeout_graceful_shutdown seconds, then the lifespan releases leases) and then re-raises the
+    # signal to the handler that was installed before it: make that one a no-op, so a rolling update's
+    # SIGTERM ends in exit status 0 rather than death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
 

@@ -58,6 +58,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     accept_wait_s: float = 1.0
     """How long to wait for the node's response headers before sending message_start anyway."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM: how long in-flight streams may run before the replica exits anyway."""
     admin_token: str | None = None
     """Bearer token for the admin API (/admin/…); unset = loopback clients only."""
 
@@ -220,8 +222,10 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_PING_INTERVAL_S": ("server", "ping_interval_s"),
     "MLXMUX_LOG_LEVEL": ("server", "log_level"),
     "MLXMUX_ADMIN_TOKEN": ("server", "admin_token"),
+    "MLXMUX_SHUTDOWN_GRACE_S": ("server", "shutdown_grace_s"),
     "MLXMUX_STRATEGY": ("routing", "strategy"),
     "MLXMUX_SESSION_TTL_S": ("routing", "session_ttl_s"),
+    "MLXMUX_LEASE_TTL_S": ("routing", "lease_ttl_s"),
     "MLXMUX_MAX_ATTEMPTS": ("routing", "max_attempts"),
     "MLXMUX_KEY_PREFIX": ("routing", "key_prefix"),
     "MLXMUX_CONNECT_TIMEOUT_S": ("timeouts", "connect_s"),

@@ -14,7 +14,10 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections.abc import Iterable, Sequence
+
+import msgspec
 
 from proxy.cluster import Cluster
 from proxy.config import Settings
@@ -24,10 +27,14 @@ from proxy.health import HealthMonitor
 from proxy.membership import Membership
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
+from state.policy import rendezvous_rank
 from state.store import Store
 from state.types import Decision, Lease, NodeView, Outcome, RouteRequest, Strategy
 
 log = logging.getLogger("mlxmux.gateway")
+
+STORE_MIN_BACKOFF_S = 0.5
+STORE_MAX_BACKOFF_S = 5.0
 
 
 class Gateway:
@@ -44,6 +51,9 @@ class Gateway:
         self.membership.discovery_interval_s = settings.discovery.interval_s
         self.inflight: set[Lease] = set()
         self.store_ok = True
+        self._store_backoff = 0.0
+        self._store_retry_at = 0.0
+        self._local_leases: set[Lease] = set()
         self.latency_order: tuple[str, ...] = ()
         """Node ids fastest first by shared p50 time to first token (for `latency-based`)."""
         self._tasks: list[asyncio.Task[None]] = []
@@ -68,8 +78,35 @@ class Gateway:
 
     def _mark_store(self, ok: bool) -> None:
         if ok != self.store_ok:
-            log.warning("shared store %s", "reachable again" if ok else "unreachable: routing locally")
+            log.warning(
+                "shared store %s",
+                "reachable again: shared routing resumed" if ok else "unreachable: degraded mode (routing locally)",
+            )
         self.store_ok = ok
+        if ok:
+            self._store_backoff = 0.0
+            self._store_retry_at = 0.0
+        else:
+            # The circuit around the store: skip it until the retry time, so a dead Redis costs the hot
+            # path nothing and is not hammered; the retry time backs off to STORE_MAX_BACKOFF_S.
+            self._store_backoff = min(STORE_MAX_BACKOFF_S, max(STORE_MIN_BACKOFF_S, self._store_backoff * 2))
+            self._store_retry_at = time.monotonic() + self._store_backoff
+
+    def _store_closed(self) -> bool:
+        """True while the circuit around the shared store is open (recent failure, retry not yet due)."""
+        return not self.store_ok and time.monotonic() < self._store_retry_at
+
+    async def _degraded_route(self, request: RouteRequest) -> Decision:
+        """Routing without the shared store. A session goes to the candidate with the highest rendezvous
+        hash of its id over the routable nodes — every replica computes the same, so sessions stay put
+        without shared state; other requests use this replica's own memory store."""
+        if request.session:
+            key = request.session
+            best = max(request.candidates, key=lambda c: (rendezvous_rank(key, c.node_id), c.node_id))
+            pinned = msgspec.structs.replace(request, candidates=(best,), strategy=Strategy.ROUND_ROBIN)
+            decision = await self.local_store.route(pinned)
+            return msgspec.structs.replace(decision, reason="degraded-hash")
+        return await self.local_store.route(request)
 
     async def route(self, pool: str, blocks: tuple[str, ...], session: str | None, exclude: Iterable[str]) -> Decision:
         """Choose a node for one attempt; raises ClusterUnavailable when no node of the pool is routable."""
@@ -92,17 +129,27 @@ class Gateway:
             random_pick=random.random(),
             latency_order=self.latency_order,
         )
-        try:
-            decision = await self.store.route(request)
-            self._mark_store(True)
-        except StateUnavailable:
-            self._mark_store(False)
-            decision = await self.local_store.route(request)
+        decision: Decision | None = None
+        if not self._store_closed():
+            try:
+                decision = await self.store.route(request)
+                self._mark_store(True)
+            except StateUnavailable:
+                self._mark_store(False)
+        if decision is None:
+            decision = await self._degraded_route(request)
+            self._local_leases.add(decision.lease)
         self.inflight.add(decision.lease)
         return decision
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:
         self.inflight.discard(lease)
+        if lease in self._local_leases:
+            self._local_leases.discard(lease)
+            await self.local_store.finish(lease, outcome)
+            return
+        if self._store_closed():
+            return  # the lease expires on its own in the shared store
         try:
             await self.store.finish(lease, outcome)
         except StateUnavailable:
@@ -114,18 +161,33 @@ class Gateway:
         ttl_ms = int(self.settings.routing.lease_ttl_s * 1000)
         while True:
             await asyncio.sleep(self.settings.routing.lease_ttl_s / 3)
-            if not self.inflight:
+            local = [lease for lease in self.inflight if lease in self._local_leases]
+            shared = [lease for lease in self.inflight if lease not in self._local_leases]
+            if local:
+                await self.local_store.renew(local, ttl_ms)
+            if not shared or self._store_closed():
                 continue
             try:
-                await self.store.renew(list(self.inflight), ttl_ms)
+                await self.store.renew(shared, ttl_ms)
             except StateUnavailable:
                 self._mark_store(False)
+
+    async def _probe_store(self) -> None:
+        """While in degraded mode: is the shared store back? (Requests find out too; this covers idle
+        replicas, so /cluster and the logs say so without waiting for traffic.)"""
+        try:
+            await self.store.ping()
+            self._mark_store(True)
+        except StateUnavailable:
+            self._mark_store(False)
 
     async def _maintain(self) -> None:
         """Every health interval: the node set (registry, discovery), then a health round."""
         while True:
             await asyncio.sleep(self.settings.health.interval_s)
             try:
+                if not self.store_ok and not self._store_closed():
+                    await self._probe_store()
                 await self.membership.sync()
                 await self.health.round()
             except Exception:  # a bug here must not end health checking for the life of the process
