@@ -62,8 +62,9 @@ def clear_faults(node: Proc) -> Iterator[None]:
 
 
 @pytest.fixture
-def client(gw: Proc) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gw.url, api_key="test-key", max_retries=0, timeout=20)
+def client(gw: Proc) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=gw.url, api_key="test-key", max_retries=0, timeout=20) as c:
+        yield c
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
@@ -332,9 +333,26 @@ def test_failover_to_a_healthy_node_before_streaming() -> None:
         sim_node("--id", "good", name="good") as good,
         gateway(f"bad={bad.url}", f"good={good.url}", extra=["--strategy", "round-robin"], env=FAST_GW_ENV) as g,
     ):
-        client = anthropic.Anthropic(base_url=g.url, api_key="k", max_retries=0)
+        client = stack_client(g.url)
         for _ in range(4):
             msg = client.messages.create(
                 model="claude-opus-4-8", max_tokens=10, messages=[{"role": "user", "content": "x"}]
             )
             assert "good" in msg.content[0].text
+
+
+def stack_client(url: str) -> anthropic.Anthropic:
+    """A client closed when the test ends (an unclosed one leaves a socket for the GC to warn about)."""
+    client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+    _open_clients.append(client)
+    return client
+
+
+_open_clients: list[anthropic.Anthropic] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _open_clients:
+        _open_clients.pop().close()

@@ -115,7 +115,7 @@ def test_native_anthropic_node_is_passed_through_and_routed() -> None:
             _config(f'[[nodes]]\nid = "native"\nurl = "{native.url}"\nprotocol = "anthropic"\n')
         )
         gw = stack.enter_context(gateway(extra=["--config", config]))
-        client = anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0)
+        client = stack.enter_context(anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0))
         body = claude_code_request("native-0000-4000-8000-000000000000", 2, max_tokens=32, stream=False)
         kwargs = {k: body[k] for k in ("model", "messages", "system", "tools", "max_tokens", "metadata")}
         message = client.messages.create(**kwargs)

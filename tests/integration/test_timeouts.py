@@ -3,6 +3,7 @@ that stalls mid-stream ends the client's stream with an error event; nothing wai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -23,8 +24,9 @@ def test_hanging_node_is_failed_over_after_the_first_byte_timeout() -> None:
         sim_node("--id", "hung", "--hang", name="hung") as hung,
         sim_node("--id", "ok", name="ok") as ok,
         gateway(f"hung={hung.url}", f"ok={ok.url}", extra=["--strategy", "round-robin"], env=env) as g,
+        contextlib.ExitStack() as stack,
     ):
-        client = anthropic.Anthropic(base_url=g.url, api_key="k", max_retries=0, timeout=30)
+        client = stack.enter_context(anthropic.Anthropic(base_url=g.url, api_key="k", max_retries=0, timeout=30))
         for stream in (False, True):
             started = time.monotonic()
             for _ in range(2):  # round-robin: one of the two tries the hung node first
