@@ -102,6 +102,8 @@ class HealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_backoff_s: float = 60.0
     offline_after_s: float = 60.0
     """A node out this long is reported `offline`."""
+    slow_first_token_s: float = 180.0
+    """A request whose first token took longer than this marks its node `degraded` (0 = never)."""
 
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -238,6 +240,7 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_OPEN_S": ("health", "open_s"),
     "MLXMUX_MAX_BACKOFF_S": ("health", "max_backoff_s"),
     "MLXMUX_OFFLINE_AFTER_S": ("health", "offline_after_s"),
+    "MLXMUX_SLOW_FIRST_TOKEN_S": ("health", "slow_first_token_s"),
     "MLXMUX_DISCOVERY": ("discovery", "mode"),
     "MLXMUX_DISCOVERY_INTERVAL_S": ("discovery", "interval_s"),
     "MLXMUX_DISCOVERY_DNS_NAME": ("discovery", "dns_name"),

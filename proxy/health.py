@@ -149,9 +149,15 @@ class HealthMonitor:
             self._set_shared(False)
             return await self._change(self.local, node_id, change)
 
-    async def report_request(self, node_id: str, failure: NodeFailure | None) -> None:
-        """A real request ended on this node. Successes cost no I/O unless they heal a node."""
+    async def report_request(self, node_id: str, failure: NodeFailure | None, ttft_ms: float = 0.0) -> None:
+        """A real request ended on this node. Successes cost no I/O unless they heal a node (or were
+        slower to the first token than `slow_first_token_s`, which degrades it)."""
         if node_id not in self.cluster.nodes:
+            return
+        slow_s = self.config.slow_first_token_s
+        if failure is None and slow_s > 0 and ttft_ms > slow_s * 1000:
+            message = f"first token after {ttft_ms / 1000:.0f} s (slow_first_token_s is {slow_s:g})"
+            await self.change(node_id, lambda h: on_request(h, "slow", message, self.policy, now_ms()))
             return
         current = self.records.get(node_id, NodeHealth())
         if failure is None and on_request(current, None, "", self.policy, 0) == current:

@@ -92,7 +92,7 @@ class Attempt:
     async def succeed(self) -> None:
         total = (time.monotonic() - self.started) * 1000
         await self._finish(Outcome(True, self.ttft_ms or total, total, "", self.prompt_tokens, self.cached_tokens))
-        await self.gw.health.report_request(self.decision.node_id, None)
+        await self.gw.health.report_request(self.decision.node_id, None, self.ttft_ms)
 
     async def fail(self, failure: NodeFailure) -> None:
         total = (time.monotonic() - self.started) * 1000

@@ -146,7 +146,8 @@ def on_request(
 
     `connect` (the node refused or is unreachable) opens the breaker at once; other failures
     (`timeout`, `http_5xx`, `stream_cut`, `protocol`) degrade the node and open the breaker after
-    `request_fail_threshold` in a row. A success clears the streak and heals a degraded node.
+    `request_fail_threshold` in a row. `slow` (a success whose first token came later than the
+    configured limit) only degrades it. A success clears the streak and heals a degraded node.
     """
     if h.breaker != Breaker.CLOSED:
         return h  # out of rotation: the probes decide when it is back
@@ -157,6 +158,10 @@ def on_request(
         if h.state == NodeState.DEGRADED and h.fails == 0:
             return _healthy(h, now_ms)
         return h
+    if error_class == "slow":
+        if h.state != NodeState.HEALTHY:
+            return h
+        return msgspec.structs.replace(h, state=NodeState.DEGRADED, changed_ms=now_ms, last_error=error)
     h = msgspec.structs.replace(h, request_fails=h.request_fails + 1, last_error=error)
     if error_class == "connect" or h.request_fails >= policy.request_fail_threshold:
         return _open(h, error, policy, now_ms, jitter)

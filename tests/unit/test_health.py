@@ -93,6 +93,15 @@ def test_request_failures_degrade_then_open_and_success_heals() -> None:
     assert on_request(h, None, "", P, 3) == h  # a late success does not close an open breaker
 
 
+def test_a_slow_first_token_degrades_without_counting_as_a_failure() -> None:
+    h = on_request(H(state=S.HEALTHY), "slow", "first token after 200 s", P, 0)
+    assert (h.state, h.request_fails, h.breaker) == (S.DEGRADED, 0, Breaker.CLOSED)
+    for _ in range(5):
+        h = on_request(h, "slow", "still slow", P, 1)
+    assert h.state == S.DEGRADED and h.breaker == Breaker.CLOSED
+    assert on_request(h, None, "", P, 2).state == S.HEALTHY  # a normal answer heals it
+
+
 def test_success_on_a_healthy_node_changes_nothing() -> None:
     h = H(state=S.HEALTHY, version=7)
     assert on_request(h, None, "", P, 5) is h
