@@ -1,6 +1,7 @@
 """Admin API: change the node set and drain nodes at run time, on every replica (`mlxmux nodes …`).
 
     GET    /admin/nodes                 the nodes, as in GET /cluster
+    GET    /admin/sessions              live session bindings: session → node (?limit=N, default 1000)
     POST   /admin/nodes                 add or replace a node: a [[nodes]] entry as JSON ({"url": …, "id": …})
     DELETE /admin/nodes/{id}            remove a node, its bindings and prefix entries
     POST   /admin/nodes/{id}/drain      no new requests (its sessions move at their next turn)
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from proxy.config import ConfigError, NodeConfig, normalize_node
 from proxy.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from proxy.gateway import Gateway
+from state.errors import StateUnavailable
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
@@ -88,3 +90,16 @@ async def _drain(request: Request, draining: bool) -> Response:
     _known(gw, node_id)
     record = await gw.health.set_draining(node_id, draining)
     return JSONResponse({"node": node_id, "draining": record.draining, "state": str(record.state)})
+
+
+async def sessions(request: Request) -> Response:
+    gw = _authorize(request)
+    try:
+        limit = max(1, min(100_000, int(request.query_params.get("limit", "1000"))))
+    except ValueError:
+        raise InvalidRequest("limit must be an integer") from None
+    try:
+        bindings = await gw.store.sessions(limit)
+    except StateUnavailable:
+        bindings = await gw.local_store.sessions(limit)
+    return JSONResponse([msgspec.to_builtins(b) for b in bindings])

@@ -207,6 +207,7 @@ def build_app(
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/admin/nodes", admin.list_nodes, methods=["GET"]),
         Route("/admin/nodes", admin.add_node, methods=["POST"]),
+        Route("/admin/sessions", admin.sessions, methods=["GET"]),
         Route("/admin/nodes/{node_id:path}/drain", admin.drain, methods=["POST"]),
         Route("/admin/nodes/{node_id:path}/undrain", admin.undrain, methods=["POST"]),
         Route("/admin/nodes/{node_id:path}", admin.remove_node, methods=["DELETE"]),

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(settings_from_args(args))
-        if args.command in ("status", "nodes"):
+        if args.command in ("status", "sessions", "nodes"):
             return ops.run(args)
     except ConfigError as exc:
         print(f"mlxmux: error: {exc}", file=sys.stderr)

@@ -13,6 +13,9 @@ import time
 from typing import Any
 
 import httpx
+import msgspec
+
+from state.health import cluster_status
 
 DEFAULT_URL = "http://127.0.0.1:8420"
 
@@ -26,9 +29,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     common.add_argument("--url", default=None, help=f"a gateway (MLXMUX_URL, default {DEFAULT_URL})")
     common.add_argument("--token", default=None, help="admin token (MLXMUX_ADMIN_TOKEN)")
 
-    p = sub.add_parser("status", parents=[common], help="the cluster as a gateway sees it")
+    p = sub.add_parser("status", parents=[common], help="the cluster as a gateway (or Redis) sees it")
+    p.add_argument("--redis", metavar="URL", help="read the shared state from Redis instead of a gateway")
+    p.add_argument("--key-prefix", default="mlxmux:", help="with --redis: the key prefix (default mlxmux:)")
     p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
     p.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS", help="refresh (default every 2 s)")
+
+    s = sub.add_parser("sessions", parents=[common], help="which session is bound to which node")
+    s.add_argument("--limit", type=int, default=1000)
+    s.add_argument("--json", action="store_true")
 
     n = sub.add_parser("nodes", parents=[common], help="list, add, remove, drain and undrain nodes on every replica")
     actions = n.add_subparsers(dest="action", metavar="ACTION")
@@ -53,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "status":
             return _status(args)
+        if args.command == "sessions":
+            return _sessions(args)
         return _nodes(args)
     except OpsError as exc:
         print(f"mlxmux: error: {exc}", file=sys.stderr)
@@ -85,15 +96,16 @@ def _call(client: httpx.Client, url: str, method: str, path: str, body: dict[str
 
 def _status(args: argparse.Namespace) -> int:
     client, url = _client(args)
+    source = args.redis or url
     with client:
         while True:
-            view = _call(client, url, "GET", "/cluster")
+            view = redis_view(args.redis, args.key_prefix) if args.redis else _call(client, url, "GET", "/cluster")
             if args.json:
                 print(json.dumps(view, indent=2))
             else:
                 if args.watch:
                     print("\033[2J\033[H", end="")
-                print(render_status(view, url))
+                print(render_status(view, source))
             if not args.watch:
                 return 0
             time.sleep(args.watch)
@@ -163,3 +175,64 @@ def _nodes(args: argparse.Namespace) -> int:
             done = "draining: no new requests, in-flight ones finish" if data["draining"] else "taking requests again"
             print(f"{args.node_id}: {done} (state {data['state']})")
     return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    client, url = _client(args)
+    with client:
+        bindings = _call(client, url, "GET", f"/admin/sessions?limit={args.limit}")
+    if args.json:
+        print(json.dumps(bindings, indent=2))
+        return 0
+    rows = [("SESSION", "POOL", "NODE", "EXPIRES IN")]
+    rows += [(b["session"], b["pool"], b["node_id"], f"{b['ttl_ms'] / 1000:.0f} s") for b in bindings]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    per_node: dict[str, int] = {}
+    for b in bindings:
+        per_node[b["node_id"]] = per_node.get(b["node_id"], 0) + 1
+    print(f"\n{len(bindings)} sessions: " + ", ".join(f"{n} {c}" for n, c in sorted(per_node.items())))
+    return 0
+
+
+def redis_view(url: str, prefix: str) -> dict[str, Any]:
+    """The cluster as the shared state in Redis records it (nodes known from their health records)."""
+    import asyncio
+
+    from state import open_store
+    from state.errors import StateUnavailable
+
+    async def read() -> dict[str, Any]:
+        store = open_store(url, prefix=prefix)
+        try:
+            health = await store.health()
+            ids = sorted(health)
+            views = {v.node_id: v for v in await store.node_views(ids)}
+        except StateUnavailable as exc:
+            raise OpsError(f"cannot read Redis at {url}: {exc}") from None
+        finally:
+            await store.close()
+        nodes = []
+        for node_id in ids:
+            record, view = health[node_id], views[node_id]
+            nodes.append(
+                {
+                    "id": node_id,
+                    "url": "",
+                    "state": str(record.state),
+                    "draining": record.draining,
+                    "breaker": str(record.breaker),
+                    "last_error": record.last_error,
+                    "inflight": view.inflight,
+                    "sessions": view.sessions,
+                    "stats": msgspec.to_builtins(view.stats),
+                }
+            )
+        status = cluster_status(list(health.values()))
+        return {"status": status, "strategy": "-", "store": "shared", "nodes": nodes}
+
+    try:
+        return asyncio.run(read())
+    except ValueError as exc:  # a malformed URL
+        raise OpsError(f"bad Redis URL {url!r}: {exc}") from None

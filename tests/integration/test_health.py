@@ -4,6 +4,7 @@ with real sim-node processes that are killed and brought back."""
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -205,3 +206,29 @@ def mlxmux_cli(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "proxy.cli", *args], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def test_operator_views_sessions_and_status_from_redis(
+    cluster: Cluster, redis_url: str, request: pytest.FixtureRequest
+) -> None:
+    sessions = [f"view{i}-0000-4000-8000-000000000000" for i in range(3)]
+    for i, s in enumerate(sessions):
+        turn(cluster.replicas[i], s)
+    out = mlxmux_cli("sessions", "--url", cluster.replicas[0].url)
+    for s in sessions:
+        line = next(line for line in out.splitlines() if line.startswith(s))
+        assert cluster.node_of(s) in line.split()
+    assert "3 sessions:" in out
+    prefix = f"health-{request.node.name[:40]}:"
+    table = mlxmux_cli("status", "--redis", redis_url, "--key-prefix", prefix)
+    assert table.startswith("cluster healthy")
+    assert all(any(row.split()[:2] == [n, "healthy"] for row in table.splitlines()) for n in cluster.nodes)
+    view = json.loads(mlxmux_cli("status", "--json", "--url", cluster.replicas[1].url))
+    assert view["status"] == "healthy" and sorted(n["id"] for n in view["nodes"]) == ["a", "b", "c"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "status", "--redis", "redis://127.0.0.1:9/0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("mlxmux: error: cannot read Redis")
