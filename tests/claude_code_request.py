@@ -186,3 +186,10 @@ def claude_code_request(
         "temperature": 1,
         "stream": stream,
     }
+
+
+def sdk_kwargs(body: dict[str, Any], session: str) -> dict[str, Any]:
+    """Arguments for the anthropic SDK's `messages.create` / `messages.stream` that send `body` as
+    Claude Code does, with its session header."""
+    keys = ("model", "messages", "system", "tools", "metadata", "max_tokens")
+    return {**{k: body[k] for k in keys if k in body}, "extra_headers": {"x-claude-code-session-id": session}}

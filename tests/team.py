@@ -18,7 +18,7 @@ from pathlib import Path
 import anthropic
 import httpx
 
-from tests.claude_code_request import _filler, claude_code_request
+from tests.claude_code_request import _filler, claude_code_request, sdk_kwargs
 from tests.procs import Proc, gateway, sim_node
 
 FAST_SIM = ("--prefill-tps", "0", "--token-delay-ms", "0", "--reply-tokens", "8", "--parallel", "8")
@@ -121,15 +121,7 @@ async def run_team(
             client = clients[(s + t) % len(clients)]
             async with gate:
                 try:
-                    async with client.messages.stream(
-                        model=body["model"],
-                        messages=body["messages"],
-                        system=body["system"],
-                        tools=body["tools"],
-                        metadata=body["metadata"],
-                        max_tokens=body["max_tokens"],
-                        extra_headers={"x-claude-code-session-id": sid},
-                    ) as stream:
+                    async with client.messages.stream(**sdk_kwargs(body, sid)) as stream:
                         final = await stream.get_final_message()
                     history.append(
                         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in final.content]}

@@ -18,7 +18,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.claude_code_request import claude_code_request
+from tests.claude_code_request import claude_code_request, sdk_kwargs
 from tests.procs import ROOT, Proc, free_port, mlxmux, sim_node, wait_http_ok
 from tests.team import FAST_SIM
 
@@ -113,15 +113,7 @@ def sessions_on(sims: list[Proc]) -> dict[str, set[str]]:
 def turn(client: anthropic.Anthropic, session: str, n: int) -> str:
     """Turn `n` of a Claude-Code-shaped session, streamed; returns the answer's text."""
     body = claude_code_request(session, n, max_tokens=32)
-    with client.messages.stream(
-        model=body["model"],
-        messages=body["messages"],
-        system=body["system"],
-        tools=body["tools"],
-        metadata=body["metadata"],
-        max_tokens=body["max_tokens"],
-        extra_headers={"x-claude-code-session-id": session},
-    ) as stream:
+    with client.messages.stream(**sdk_kwargs(body, session)) as stream:
         final = stream.get_final_message()
     assert final.stop_reason in ("end_turn", "tool_use", "max_tokens")
     return "".join(b.text for b in final.content if b.type == "text")
