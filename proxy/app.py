@@ -21,6 +21,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import admin
+from proxy.auth import ApiKeyMiddleware
 from proxy.cluster import Cluster
 from proxy.config import Settings, load_settings
 from proxy.errors import GatewayError, NotFound, error_body, error_headers
@@ -214,6 +215,7 @@ def build_app(
         Route("/{path:path}", not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(ApiKeyMiddleware, auth=settings.auth)  # inside RequestIdMiddleware (added last = outermost)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -50,12 +50,14 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from proxy.app import build_app
+    from proxy.auth import warn_if_open
 
     logging.basicConfig(
         level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     if not settings.nodes:
         logging.getLogger("mlxmux").warning("no nodes configured: every request will get 503 until nodes are added")
+    warn_if_open(settings.auth, settings.server.host)
     config = uvicorn.Config(
         build_app(settings),
         host=settings.server.host,

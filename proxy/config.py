@@ -106,6 +106,44 @@ class HealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A request whose first token took longer than this marks its node `degraded` (0 = never)."""
 
 
+class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Team API keys and fair share (docs/operations.md#team-keys-and-fair-share)."""
+
+    keys: dict[str, str] = msgspec.field(default_factory=dict)
+    """Key name (a teammate) -> API key, or `sha256:<64 hex>` of it. Empty: /v1/* is open to anyone."""
+    max_concurrent_per_key: int = 0
+    """Requests one key may have in flight on POST /v1/messages, across all replicas; 0 = unlimited."""
+    retry_after_s: int = 5
+    """Retry-After sent with 429 rate_limit_error."""
+
+    def __post_init__(self) -> None:
+        for name, key in self.keys.items():
+            if not name or not key:
+                raise ValueError("auth keys need a name and a non-empty key")
+            if key.startswith("sha256:"):
+                digest = key[len("sha256:") :]
+                if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                    raise ValueError(f"auth key {name!r}: sha256: must be followed by 64 hex digits")
+        if self.max_concurrent_per_key < 0 or self.retry_after_s < 0:
+            raise ValueError("auth max_concurrent_per_key and retry_after_s must not be negative")
+
+
+def parse_api_keys(spec: str) -> dict[str, str]:
+    """`name:key,name:key` (MLXMUX_API_KEYS) -> {name: key}; a key may be `sha256:<hex>`."""
+    keys: dict[str, str] = {}
+    for number, item in enumerate((part.strip() for part in spec.split(",")), start=1):
+        if not item:
+            continue
+        name, sep, key = item.partition(":")
+        name, key = name.strip(), key.strip()
+        if not sep or not name or not key:  # the entry itself is not echoed: it may be a bare key
+            raise ConfigError(f"MLXMUX_API_KEYS: entry {number} is not name:key")
+        if name in keys:
+            raise ConfigError(f"MLXMUX_API_KEYS: the name {name!r} appears twice")
+        keys[name] = key
+    return keys
+
+
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
@@ -157,6 +195,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
     models: dict[str, str] = msgspec.field(default_factory=dict)
     """Model map: glob pattern of a requested model name → pool. Unmatched names go to `default`."""
@@ -215,7 +254,7 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {os.fspath(path)!r}: {exc.strerror}") from None
 
 
-# Environment variable → (section, key). MLXMUX_NODES and MLXMUX_CONFIG are handled apart.
+# Environment variable → (section, key). MLXMUX_NODES, MLXMUX_API_KEYS and MLXMUX_CONFIG are handled apart.
 ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_HOST": ("server", "host"),
     "MLXMUX_PORT": ("server", "port"),
@@ -248,6 +287,7 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_DISCOVERY_SERVICE": ("discovery", "service"),
     "MLXMUX_DISCOVERY_NAMESPACE": ("discovery", "namespace"),
     "MLXMUX_REDIS_URL": (None, "redis_url"),
+    "MLXMUX_MAX_CONCURRENT_PER_KEY": ("auth", "max_concurrent_per_key"),
 }
 
 
@@ -276,6 +316,8 @@ def load_settings(
     for (section, key), value in (overrides or {}).items():
         if value is not None:
             _set(data, section, key, value)
+    if env.get("MLXMUX_API_KEYS"):
+        _set(data, "auth", "keys", parse_api_keys(env["MLXMUX_API_KEYS"]))
     specs = nodes or [s for s in env.get("MLXMUX_NODES", "").split(",") if s.strip()]
     if specs:
         data["nodes"] = [msgspec.to_builtins(parse_node(s)) for s in specs]

@@ -50,6 +50,9 @@ class Gateway:
         self.membership = Membership(cluster, store, list(settings.nodes), runner)
         self.membership.discovery_interval_s = settings.discovery.interval_s
         self.inflight: set[Lease] = set()
+        self.slots: set[tuple[str, str]] = set()
+        """Team-key slots (key name, lease id) held by this replica's requests in flight."""
+        self._slots_unenforced = False
         self.store_ok = True
         self._store_backoff = 0.0
         self._store_retry_at = 0.0
@@ -157,6 +160,38 @@ class Gateway:
             with contextlib.suppress(StateUnavailable):
                 await self.local_store.finish(lease, outcome)
 
+    async def acquire_slot(self, key_name: str, limit: int) -> tuple[str, str] | None:
+        """Take one of a team key's `limit` slots (shared by all replicas): the slot to release, or None when
+        the key is at its limit. Fails open: while the shared store is unreachable the request goes ahead
+        (said once per outage in the log), since refusing would fail every request of the team."""
+        slot = (key_name, secrets.token_hex(8))
+        if not self._store_closed():
+            try:
+                taken = await self.store.acquire_slot(*slot, limit, int(self.settings.routing.lease_ttl_s * 1000))
+                self._mark_store(True)
+                self._slots_unenforced = False
+                if not taken:
+                    return None
+                self.slots.add(slot)
+                return slot
+            except StateUnavailable:
+                self._mark_store(False)
+        if not self._slots_unenforced:
+            self._slots_unenforced = True
+            log.warning("shared store unreachable: per-key concurrency limits are not enforced until it is back")
+        return slot
+
+    async def release_slot(self, slot: tuple[str, str]) -> None:
+        if slot not in self.slots:
+            return  # taken while the store was unreachable: nothing to give back
+        self.slots.discard(slot)
+        if self._store_closed():
+            return  # it expires on its own within the lease TTL
+        try:
+            await self.store.release_slot(*slot)
+        except StateUnavailable:
+            self._mark_store(False)
+
     async def _renew_leases(self) -> None:
         ttl_ms = int(self.settings.routing.lease_ttl_s * 1000)
         while True:
@@ -165,6 +200,9 @@ class Gateway:
             shared = [lease for lease in self.inflight if lease not in self._local_leases]
             if local:
                 await self.local_store.renew(local, ttl_ms)
+            if self.slots and not self._store_closed():
+                with contextlib.suppress(StateUnavailable):
+                    await self.store.renew_slots(list(self.slots), ttl_ms)
             if not shared or self._store_closed():
                 continue
             try:

@@ -14,6 +14,7 @@ All keys start with the configured prefix (`mlxmux:` by default):
     {prefix}node-health                HASH    node id -> health record (JSON, state.health.NodeHealth)
     {prefix}probe:{node}               STRING  replica probing the node this interval (TTL: the interval)
     {prefix}registry                   HASH    node id -> node added at run time (JSON), or a removal mark
+    {prefix}key:{name}:inflight        ZSET    lease id -> expiry ms: a team API key's requests in flight
 
 `{pool}` has `%` and `:` percent-escaped, so `{pool}:{session}` splits unambiguously at its first colon.
 Node ids are used as they are: every node key ends in a fixed kind name, which keeps them apart.
@@ -30,6 +31,8 @@ RR = "rr:"
 NODE_HEALTH = "node-health"
 PROBE = "probe:"
 REGISTRY = "registry"
+KEY = "key:"
+INFLIGHT = "inflight"
 
 # kinds of per-node keys: {prefix}node:{node}:{kind}
 SESSIONS = "sessions"
@@ -96,6 +99,11 @@ def probe_key(prefix: str, node_id: str) -> str:
 
 def registry_key(prefix: str) -> str:
     return f"{prefix}{REGISTRY}"
+
+
+def key_inflight_key(prefix: str, key_name: str) -> str:
+    """The slots of a team API key (by its configured name, never the key itself)."""
+    return f"{prefix}{KEY}{key_name}:{INFLIGHT}"
 
 
 def lua_prelude() -> str:

@@ -86,6 +86,8 @@ class MemoryStore:
         self._health: dict[str, NodeHealth] = {}
         self._probes: dict[str, tuple[str, int]] = {}
         self._registry: dict[str, bytes] = {}
+        self._slots: dict[str, dict[str, int]] = {}
+        """team key name -> lease id -> expiry ms"""
         self._last_sweep = clock()
 
     # -- the hot path --------------------------------------------------------------------------
@@ -154,6 +156,30 @@ class MemoryStore:
             held = self._leases.get(lease.node_id)
             if held is not None and lease.lease_id in held:
                 held[lease.lease_id] = expiry
+
+    async def acquire_slot(self, key_name: str, lease_id: str, limit: int, ttl_ms: int) -> bool:
+        now = self._clock()
+        held = self._slots.setdefault(key_name, {})
+        for expired in [lease for lease, expiry in held.items() if expiry <= now]:
+            del held[expired]
+        if lease_id not in held and len(held) >= limit:
+            return False
+        held[lease_id] = now + ttl_ms
+        return True
+
+    async def release_slot(self, key_name: str, lease_id: str) -> None:
+        held = self._slots.get(key_name)
+        if held is not None:
+            held.pop(lease_id, None)
+            if not held:
+                del self._slots[key_name]
+
+    async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl_ms: int) -> None:
+        expiry = self._clock() + ttl_ms
+        for key_name, lease_id in slots:
+            held = self._slots.get(key_name)
+            if held is not None and lease_id in held:
+                held[lease_id] = expiry
 
     # -- maintenance ---------------------------------------------------------------------------
 

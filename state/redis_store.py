@@ -40,7 +40,17 @@ from state.types import (
     median,
 )
 
-SCRIPTS = ("route", "finish", "renew", "forget_prefix", "unbind", "remove_node", "node_views", "cas_health")
+SCRIPTS = (
+    "route",
+    "finish",
+    "renew",
+    "acquire_slot",
+    "forget_prefix",
+    "unbind",
+    "remove_node",
+    "node_views",
+    "cas_health",
+)
 _health_decoder = msgspec.json.Decoder(NodeHealth)
 
 
@@ -152,6 +162,24 @@ class RedisStore:
             "renew",
             [keys.node_key(self.prefix, lease.node_id, keys.LEASES) for lease in leases],
             [ttl_ms, *(lease.lease_id for lease in leases)],
+        )
+
+    async def acquire_slot(self, key_name: str, lease_id: str, limit: int, ttl_ms: int) -> bool:
+        key = keys.key_inflight_key(self.prefix, key_name)
+        return bool(await self._run("acquire_slot", [key], [lease_id, limit, ttl_ms]))
+
+    async def release_slot(self, key_name: str, lease_id: str) -> None:
+        with _unavailable("release_slot"):
+            await self.client.zrem(keys.key_inflight_key(self.prefix, key_name), lease_id)
+
+    async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl_ms: int) -> None:
+        if not slots:
+            return
+        # The same script as node leases: both are ZSETs of lease id -> expiry ms.
+        await self._run(
+            "renew",
+            [keys.key_inflight_key(self.prefix, key_name) for key_name, _ in slots],
+            [ttl_ms, *(lease_id for _, lease_id in slots)],
         )
 
     # -- maintenance ---------------------------------------------------------------------------

@@ -46,6 +46,24 @@ class Store(Protocol):
         """
         ...
 
+    async def acquire_slot(self, key_name: str, lease_id: str, limit: int, ttl_ms: int) -> bool:
+        """Take one of a team key's `limit` concurrent-request slots, shared by every replica (fair share).
+
+        Atomically: drop the key's expired slots; if fewer than `limit` are live, hold `lease_id` until
+        now + ttl_ms and return True, else return False. Acquiring a lease id already held only pushes
+        back its expiry (True).
+        """
+        ...
+
+    async def release_slot(self, key_name: str, lease_id: str) -> None:
+        """Give a slot back. Releasing one twice, or one that expired, is harmless."""
+        ...
+
+    async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl_ms: int) -> None:
+        """Push back the expiry of held slots, given as (key name, lease id), to now + ttl_ms (a replica's
+        heartbeat). Slots already released or expired and trimmed are not brought back."""
+        ...
+
     async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
         """Drop blocks from a node's prefix index entry (the node showed it no longer holds them)."""
         ...

@@ -141,14 +141,28 @@ def redis_server_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A private redis-server on a free port with no persistence; yields its redis:// URL."""
+def redis_server(password: str | None = None, tls: tuple[str, str] | None = None) -> Iterator[str]:
+    """A private redis-server on a free port with no persistence; yields its redis:// URL.
+
+    `password` adds `--requirepass` (the URL carries it); `tls` = (cert file, key file) serves TLS only
+    (the URL is rediss://, with the certificate as the CA to trust).
+    """
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError("redis-server is not installed: run `bash .ci/run` or `apt-get install -y redis-server`")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="mlxmux-redis-") as d:
         args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d]
+        auth = f":{password}@" if password else ""
+        url = f"redis://{auth}127.0.0.1:{port}/0"
+        if password:
+            args += ["--requirepass", password]
+        if tls:
+            cert, key = tls
+            args[1:3] = ["--port", "0", "--tls-port", str(port)]
+            args += ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert]
+            args += ["--tls-auth-clients", "no"]
+            url = f"rediss://{auth}127.0.0.1:{port}/0?ssl_ca_certs={cert}"
         with Proc(args, port=port, name="redis") as p:
             p.wait_ready()
-            yield f"redis://127.0.0.1:{port}/0"
+            yield url

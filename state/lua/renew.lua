@@ -1,7 +1,7 @@
--- renew: push back the expiry of leases still in flight (Store.renew, a replica's heartbeat).
--- A lease already released (or trimmed after expiring) is not brought back.
+-- renew: push back the expiry of leases still in flight (Store.renew and Store.renew_slots, a
+-- replica's heartbeat). A lease already released (or trimmed after expiring) is not brought back.
 --
--- KEYS[i]  {P}node:{node}:leases of the i-th lease
+-- KEYS[i]  {P}node:{node}:leases (or {P}key:{name}:inflight) of the i-th lease
 -- ARGV[1]  key prefix (unused)
 -- ARGV[2]  new TTL ms
 -- ARGV[2+i] lease id of the i-th lease

@@ -162,6 +162,35 @@ class TestStore:
         b = await store.route(req(candidates=NODES[:1]))
         assert a.lease.lease_id and a.lease.lease_id != b.lease.lease_id
 
+    # -- team-key slots (fair share) -----------------------------------------------------------------
+
+    async def test_slots_are_limited_across_replicas_and_released(self, make_stores: StoreFactory) -> None:
+        a, b = await make_stores(2)
+        assert await a.acquire_slot("alice", "a1", 2, 10_000)
+        assert await b.acquire_slot("alice", "b1", 2, 10_000)
+        assert not await a.acquire_slot("alice", "a2", 2, 10_000)  # 2 in flight, wherever they run
+        assert await a.acquire_slot("alice", "a1", 2, 10_000)  # a held lease id is only renewed
+        assert await b.acquire_slot("bob", "b2", 2, 10_000)  # per key
+        await b.release_slot("alice", "a1")
+        await b.release_slot("alice", "a1")  # twice: no harm
+        await a.release_slot("carol", "never-held")
+        assert await a.acquire_slot("alice", "a2", 2, 10_000)
+        assert not await b.acquire_slot("alice", "b3", 2, 10_000)
+
+    async def test_slots_of_a_dead_replica_expire_and_renew_keeps_them(self, store: Store) -> None:
+        assert await store.acquire_slot("alice", "kept", 2, 300)
+        assert await store.acquire_slot("alice", "dead", 2, 300)
+        await asyncio.sleep(0.15)
+        await store.renew_slots([("alice", "kept"), ("bob", "never-held")], 1000)
+        assert not await store.acquire_slot("alice", "new", 2, 300)
+        await asyncio.sleep(0.3)  # "dead" was not renewed: its slot lapsed
+        assert await store.acquire_slot("alice", "new", 2, 300)
+        assert not await store.acquire_slot("alice", "third", 2, 300)  # "kept" still holds one
+        await store.release_slot("alice", "kept")
+        await store.renew_slots([("alice", "kept")], 1000)  # a released slot is not brought back
+        assert await store.acquire_slot("alice", "third", 2, 300)
+        await store.renew_slots([], 1000)
+
     # -- prefix affinity ---------------------------------------------------------------------------
 
     async def test_prefix_affinity_without_a_session(self, store: Store) -> None:
@@ -391,6 +420,10 @@ async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
         await store.client.script_flush()
         await store.remove_node(first.node_id)
         assert await view(store, first.node_id) == (0, 0)
+        await store.client.script_flush()
+        assert await store.acquire_slot("alice", "l1", 1, 1000)
+        await store.client.script_flush()
+        await store.renew_slots([("alice", "l1")], 1000)
     finally:
         await store.close()
 
@@ -408,6 +441,9 @@ async def test_unreachable_redis_fails_fast() -> None:
         store.claim_probe("mac1", "r", 1000),
         store.registry(),
         store.sessions(),
+        store.acquire_slot("alice", "l", 1, 1000),
+        store.release_slot("alice", "l"),
+        store.renew_slots([("alice", "l")], 1000),
         store.ping(),
     ):
         start = time.monotonic()

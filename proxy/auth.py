@@ -1,0 +1,134 @@
+"""Team API keys and fair share: who may call /v1/*, and how many requests each key may run at once.
+
+With `auth.keys` set, every path under /v1/ needs one of the keys, sent as `x-api-key` (Claude Code's
+ANTHROPIC_API_KEY) or `Authorization: Bearer` (ANTHROPIC_AUTH_TOKEN); anything else is a 401
+`authentication_error`. /health, /ready, /, /api/hello and /cluster stay open; /admin/* has its own
+token (`proxy.admin`). Keys are compared as SHA-256 digests with `hmac.compare_digest`, so the
+configuration may hold `sha256:<hex>` instead of the key.
+
+With `auth.max_concurrent_per_key` > 0, each POST /v1/messages holds one of its key's slots from
+before routing until the response has been sent in full (for a stream: until it ends or the client
+leaves). Slots are leases in the shared store, counted across replicas; a key at its limit gets 429
+`rate_limit_error` with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from proxy.config import AuthConfig
+from proxy.errors import AuthenticationFailed, RateLimited
+from proxy.gateway import Gateway
+
+log = logging.getLogger("mlxmux.auth")
+
+HASHED = "sha256:"
+
+
+def key_digest(configured: str) -> bytes:
+    """The SHA-256 digest a presented key must have: given (`sha256:<hex>`) or computed from the key."""
+    if configured.startswith(HASHED):
+        return bytes.fromhex(configured[len(HASHED) :])
+    return hashlib.sha256(configured.encode()).digest()
+
+
+class KeyRing:
+    """The configured team keys, by name."""
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        self._digests = [(name, key_digest(key)) for name, key in keys.items()]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def match(self, presented: Iterable[str]) -> str | None:
+        """The name of the key among `presented` (header values), or None. Every configured digest is
+        compared, each in constant time, so timing says nothing about which key came close."""
+        found = None
+        for value in presented:
+            digest = hashlib.sha256(value.encode()).digest()
+            for name, expected in self._digests:
+                if hmac.compare_digest(digest, expected) and found is None:
+                    found = name
+        return found
+
+
+def presented_keys(headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
+    """Keys a request offers: `x-api-key` and the token of `Authorization: Bearer`."""
+    found = []
+    for name, value in headers:
+        if name == b"x-api-key":
+            found.append(value.decode("latin-1").strip())
+        elif name == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                found.append(token.strip())
+    return [key for key in found if key]
+
+
+def needs_key(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def takes_slot(method: str, path: str) -> bool:
+    """Only generation counts against fair share; count_tokens and /v1/models are cheap."""
+    return method == "POST" and path.rstrip("/") == "/v1/messages"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_open(auth: AuthConfig, host: str) -> None:
+    """A startup warning when anyone who can reach the port may use the nodes."""
+    if not auth.keys and not is_loopback(host):
+        log.warning(
+            "no API keys configured (MLXMUX_API_KEYS or [auth] keys): anyone who can reach %s may use the gateway",
+            host,
+        )
+
+
+class ApiKeyMiddleware:
+    """Checks team keys on /v1/* and holds a fair-share slot around each POST /v1/messages.
+
+    Must sit inside `RequestIdMiddleware`, which turns the errors raised here into Anthropic bodies.
+    """
+
+    def __init__(self, app: ASGIApp, auth: AuthConfig) -> None:
+        self.app = app
+        self.auth = auth
+        self.keys = KeyRing(auth.keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or not needs_key(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        name = self.keys.match(presented_keys(scope["headers"]))
+        if name is None:
+            raise AuthenticationFailed("invalid x-api-key (or Authorization: Bearer token) for this gateway")
+        limit = self.auth.max_concurrent_per_key
+        if limit <= 0 or not takes_slot(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        gw: Gateway = scope["app"].state.gateway
+        slot = await gw.acquire_slot(name, limit)
+        if slot is None:
+            raise RateLimited(
+                f"API key {name!r} already has {limit} request(s) in flight (auth.max_concurrent_per_key)",
+                retry_after=self.auth.retry_after_s,
+            )
+        try:
+            await self.app(scope, receive, send)  # for a stream, this returns when the stream has ended
+        finally:
+            await gw.release_slot(slot)

@@ -1,0 +1,103 @@
+"""Logging: the per-request access line (logger `mlxmux.access`) and the JSON log format.
+
+Each `POST /v1/messages` gets one access line when it is over (a stream: when the relay ends).
+It carries ids, routing and timing, never prompt text, API keys or headers. With
+`server.log_format = "json"` every log line of the process is one JSON object (`JsonFormatter`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+access_log = logging.getLogger("mlxmux.access")
+
+SessionIds = Literal["hash", "plain", "off"]
+
+
+class Fields(dict[str, object]):
+    """A log message made of fields: `key=value …` as text, merged into the object as JSON."""
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.items() if v is not None)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one /v1/messages request did, filled in along the way (`proxy.relay.Attempt`)."""
+
+    request_id: str = ""
+    method: str = "POST"
+    path: str = "/v1/messages"
+    session: str | None = None
+    model: str = ""
+    node: str = ""
+    reason: str = ""
+    attempts: int = 0
+    ttft_ms: float = 0.0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def session_label(session: str | None, mode: SessionIds) -> str | None:
+    """The session id as logged: sha256 (first 12 hex digits), as is, or not at all."""
+    if session is None or mode == "off":
+        return None
+    if mode == "plain":
+        return session
+    return hashlib.sha256(session.encode()).hexdigest()[:12]
+
+
+def log_access(record: RequestRecord, status: int | str, session_ids: SessionIds) -> None:
+    """Emit the request's access line; `status` is the HTTP status or how the stream ended."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    prompt = record.prompt_tokens
+    line = Fields(
+        request_id=record.request_id,
+        session=session_label(record.session, session_ids),
+        method=record.method,
+        path=record.path,
+        model=record.model,
+        node=record.node or None,
+        reason=record.reason or None,
+        attempts=record.attempts,
+        status=status,
+        ttft_ms=round(record.ttft_ms, 1) if record.ttft_ms else None,
+        total_ms=round((time.monotonic() - record.started) * 1000, 1),
+        prompt_tokens=prompt,
+        cached_tokens=record.cached_tokens,
+        cached_share=round(record.cached_tokens / prompt, 3) if prompt else None,
+    )
+    if session_ids == "off":
+        del line["session"]
+    access_log.info(line)
+
+
+_encode = msgspec.json.Encoder(enc_hook=str).encode
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, plus the fields of a `Fields` message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if isinstance(record.msg, Fields):
+            out["message"] = "request"
+            out.update(record.msg)
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return _encode(out).decode()
