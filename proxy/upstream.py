@@ -95,7 +95,11 @@ class NodeClient:
             headers["authorization"] = f"Bearer {node.api_key}"
         # Reads are bounded by the caller (first-byte vs between-chunk silence), not by httpx.
         timeout = httpx.Timeout(connect=timeouts.connect_s, read=None, write=60.0, pool=timeouts.connect_s)
-        limits = httpx.Limits(max_connections=max(64, node.max_concurrency * 8), max_keepalive_connections=32)
+        # Idle pooled connections are dropped after 2 s, before servers close them (uvicorn-based nodes
+        # after 5 s): reusing one the server is closing loses the request ("disconnected without a response").
+        limits = httpx.Limits(
+            max_connections=max(64, node.max_concurrency * 8), max_keepalive_connections=32, keepalive_expiry=2.0
+        )
         self._client = httpx.AsyncClient(
             base_url=node.url, headers=headers, timeout=timeout, limits=limits, transport=transport
         )
@@ -126,7 +130,12 @@ class NodeClient:
             "POST", path, content=body, headers={"content-type": "application/json", **(headers or {})}
         )
         try:
-            response = await self._client.send(request, stream=True)
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.RemoteProtocolError:
+                # A pooled connection the node had just closed: it never saw the request. Once more, on a
+                # fresh connection (a node that really hangs up on every request fails again, and is blamed).
+                response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise self._classify(exc) from None
         await self._check(response)
