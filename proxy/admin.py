@@ -60,7 +60,7 @@ async def add_node(request: Request) -> Response:
     try:
         node = msgspec.json.decode(await request.body(), type=NodeConfig)
         node = normalize_node(node)
-    except (msgspec.DecodeError, msgspec.ValidationError, ConfigError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ConfigError, RecursionError) as exc:
         raise InvalidRequest(f"not a node: {exc}") from None
     if urlsplit(node.url).scheme not in ("http", "https"):
         raise InvalidRequest(f"node url must be http(s)://host:port, not {node.url!r}")

@@ -24,9 +24,10 @@ from proxy import admin
 from proxy.auth import ApiKeyMiddleware
 from proxy.cluster import Cluster
 from proxy.config import Settings, load_settings
-from proxy.errors import GatewayError, NotFound, error_body, error_headers
+from proxy.errors import GatewayError, HeadersTooLarge, NotFound, error_body, error_headers
 from proxy.gateway import Gateway
 from proxy.messages import count_tokens, messages
+from proxy.metrics import metrics_endpoint
 from state import open_store
 from state.errors import StateUnavailable
 from state.store import Store
@@ -43,10 +44,12 @@ CLAUDE_MODELS = (
 
 
 class RequestIdMiddleware:
-    """Gives every HTTP response a `request-id` header and turns escaped errors into Anthropic bodies."""
+    """Gives every HTTP response a `request-id` header, turns escaped errors into Anthropic bodies and
+    refuses (431) requests whose headers exceed `max_header_bytes`."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_header_bytes: int = 64 * 1024) -> None:
         self.app = app
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,6 +67,11 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
+        size = sum(len(name) + len(value) for name, value in scope["headers"])
+        if size > self.max_header_bytes:
+            message = f"request headers are {size} bytes; the limit is {self.max_header_bytes}"
+            await _send_error(send_with_id, HeadersTooLarge(message), request_id)
+            return
         try:
             await self.app(scope, receive, send_with_id)
         except GatewayError as exc:
@@ -203,6 +211,7 @@ def build_app(
         Route("/health", health, methods=["GET", "HEAD"]),
         Route("/ready", ready, methods=["GET", "HEAD"]),
         Route("/cluster", cluster, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
@@ -216,7 +225,7 @@ def build_app(
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(ApiKeyMiddleware, auth=settings.auth)  # inside RequestIdMiddleware (added last = outermost)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, max_header_bytes=settings.server.max_header_bytes)
     return app
 
 

@@ -51,10 +51,14 @@ def serve(settings: Settings) -> int:
 
     from proxy.app import build_app
     from proxy.auth import warn_if_open
+    from proxy.logs import JsonFormatter
 
-    logging.basicConfig(
-        level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    json_logs = settings.server.log_format == "json"
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
+    logging.basicConfig(level=settings.server.log_level.upper(), handlers=[handler])
     if not settings.nodes:
         logging.getLogger("mlxmux").warning("no nodes configured: every request will get 503 until nodes are added")
     warn_if_open(settings.auth, settings.server.host)
@@ -63,6 +67,7 @@ def serve(settings: Settings) -> int:
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
+        log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,  # None: uvicorn's lines go to our handler
         access_log=False,
         timeout_graceful_shutdown=max(1, round(settings.server.shutdown_grace_s)),
         server_header=False,

@@ -51,6 +51,16 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8420
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    """A request body not wholly received in this long gets 400 and its connection is closed (slow clients)."""
+    max_header_bytes: int = 64 * 1024
+    """Requests whose header names and values add up to more get 431 (uvicorn sets no limit of its own)."""
+    max_messages: int = 100_000
+    """More messages in one request get 400 (the Anthropic API's own limit)."""
+    max_tools: int = 10_000
+    """More tools in one request get 400."""
+    max_answer_bytes: int = 64 * 1024 * 1024
+    """The most a node may send as one non-streaming answer or one stream event; more fails the request."""
     max_tokens_cap: int = 32768
     """Upper bound on max_tokens sent to a node (Claude Code asks for 32000–64000)."""
     ping_interval_s: float = 10.0
@@ -58,6 +68,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     accept_wait_s: float = 1.0
     """How long to wait for the node's response headers before sending message_start anyway."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    """json: every log line is one JSON object (docs/operations.md#metrics-and-logs)."""
+    log_session_ids: Literal["hash", "plain", "off"] = "hash"
+    """Session ids in access lines: sha256 (first 12 hex digits), as sent, or left out."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM: how long in-flight streams may run before the replica exits anyway."""
     admin_token: str | None = None
@@ -259,9 +273,16 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_HOST": ("server", "host"),
     "MLXMUX_PORT": ("server", "port"),
     "MLXMUX_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "MLXMUX_BODY_TIMEOUT_S": ("server", "body_timeout_s"),
+    "MLXMUX_MAX_HEADER_BYTES": ("server", "max_header_bytes"),
+    "MLXMUX_MAX_MESSAGES": ("server", "max_messages"),
+    "MLXMUX_MAX_TOOLS": ("server", "max_tools"),
+    "MLXMUX_MAX_ANSWER_BYTES": ("server", "max_answer_bytes"),
     "MLXMUX_MAX_TOKENS_CAP": ("server", "max_tokens_cap"),
     "MLXMUX_PING_INTERVAL_S": ("server", "ping_interval_s"),
     "MLXMUX_LOG_LEVEL": ("server", "log_level"),
+    "MLXMUX_LOG_FORMAT": ("server", "log_format"),
+    "MLXMUX_LOG_SESSION_IDS": ("server", "log_session_ids"),
     "MLXMUX_ADMIN_TOKEN": ("server", "admin_token"),
     "MLXMUX_SHUTDOWN_GRACE_S": ("server", "shutdown_grace_s"),
     "MLXMUX_STRATEGY": ("routing", "strategy"),

@@ -2,10 +2,12 @@
 
     GatewayError                      status  error.type
     ├── InvalidRequest                400     invalid_request_error   (bad JSON, bad schema, node 4xx)
+    │   └── BodyTimeout               400     invalid_request_error   (the body did not arrive in time)
     ├── AuthenticationFailed          401     authentication_error
     ├── PermissionDenied              403     permission_error
     ├── NotFound                      404     not_found_error
     ├── RequestTooLarge               413     request_too_large
+    │   └── HeadersTooLarge           431     request_too_large
     ├── RateLimited                   429     rate_limit_error
     ├── UpstreamError                 500     api_error
     ├── ClusterUnavailable            503     cluster_unavailable     (no eligible node)
@@ -13,7 +15,8 @@
     └── Overloaded                    529     overloaded_error        (node unreachable or 5xx)
 
 Every subclass knows its status, its Anthropic `type`, whether a retry can help
-(`x-should-retry`) and, optionally, a `Retry-After` in seconds.
+(`x-should-retry`) and, optionally, a `Retry-After` in seconds. Errors raised while the request body
+was still arriving close the connection (`close_connection`), so what is left of it is never read.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "api_error"
     retryable: bool = True
+    close_connection: bool = False
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -36,6 +40,10 @@ class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     retryable = False
+
+
+class BodyTimeout(InvalidRequest):
+    close_connection = True
 
 
 class AuthenticationFailed(GatewayError):
@@ -60,6 +68,11 @@ class RequestTooLarge(GatewayError):
     status = 413
     type = "request_too_large"
     retryable = False
+    close_connection = True
+
+
+class HeadersTooLarge(RequestTooLarge):
+    status = 431
 
 
 class RateLimited(GatewayError):
@@ -111,4 +124,6 @@ def error_headers(exc: GatewayError) -> list[tuple[bytes, bytes]]:
     headers = [(b"content-type", b"application/json"), (b"x-should-retry", b"true" if exc.retryable else b"false")]
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(int(exc.retry_after)).encode()))
+    if exc.close_connection:
+        headers.append((b"connection", b"close"))
     return headers

@@ -25,6 +25,7 @@ from proxy.discovery import DiscoveryRunner, make_discovery
 from proxy.errors import ClusterUnavailable
 from proxy.health import HealthMonitor
 from proxy.membership import Membership
+from proxy.metrics import Metrics
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
 from state.policy import rendezvous_rank
@@ -44,7 +45,9 @@ class Gateway:
         self.cluster = cluster
         self.local_store: Store = MemoryStore()
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.metrics = Metrics()
         self.health = HealthMonitor(cluster, store, self.local_store, settings.health, self.replica_id)
+        self.health.on_store_error = self.metrics.store_errors.inc
         source = make_discovery(settings)
         runner = DiscoveryRunner(source, []) if source is not None else None
         self.membership = Membership(cluster, store, list(settings.nodes), runner)
@@ -90,6 +93,7 @@ class Gateway:
             self._store_backoff = 0.0
             self._store_retry_at = 0.0
         else:
+            self.metrics.store_errors.inc()
             # The circuit around the store: skip it until the retry time, so a dead Redis costs the hot
             # path nothing and is not hammered; the retry time backs off to STORE_MAX_BACKOFF_S.
             self._store_backoff = min(STORE_MAX_BACKOFF_S, max(STORE_MIN_BACKOFF_S, self._store_backoff * 2))

@@ -43,7 +43,7 @@ def now_ms() -> int:
 def _models_listed(body: bytes) -> set[str]:
     try:
         data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return set()
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         return set()
@@ -72,6 +72,8 @@ class HealthMonitor:
         self.records: dict[str, NodeHealth] = {}
         self.shared = True
         """False while the shared store is unreachable (health is then kept per replica)."""
+        self.on_store_error: Callable[[], object] = lambda: None
+        """Called for each failed shared-store operation (the gateway counts them in its metrics)."""
 
     # -- probes ----------------------------------------------------------------------------------
 
@@ -195,6 +197,8 @@ class HealthMonitor:
             log.info("node %s: %s -> %s%s%s", node_id, before, new.state, " (draining)" if new.draining else "", why)
 
     def _set_shared(self, ok: bool) -> None:
+        if not ok:
+            self.on_store_error()
         if ok != self.shared:
             log.warning("node health %s", "shared again" if ok else "kept locally: the shared store is unreachable")
         self.shared = ok

@@ -65,7 +65,7 @@ def log_access(record: RequestRecord, status: int | str, session_ids: SessionIds
         session=session_label(record.session, session_ids),
         method=record.method,
         path=record.path,
-        model=record.model,
+        model=record.model or None,
         node=record.node or None,
         reason=record.reason or None,
         attempts=record.attempts,

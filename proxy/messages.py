@@ -7,6 +7,7 @@ another node, up to `routing.max_attempts`. A node's 4xx is not retried: it is t
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -15,9 +16,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.answers import from_chat_completion
-from proxy.errors import ClusterUnavailable, RequestTooLarge
+from proxy.config import ServerConfig
+from proxy.errors import BodyTimeout, ClusterUnavailable, GatewayError, InvalidRequest, RequestTooLarge
 from proxy.gateway import Gateway
-from proxy.relay import Attempt, Prepared, RelayResponse, failure_error
+from proxy.logs import RequestRecord
+from proxy.relay import Attempt, Prepared, RelayResponse, end_request, failure_error
 from proxy.translate import (
     encode_chat_request,
     estimate_tokens,
@@ -38,19 +41,32 @@ from state.prefix import block_hashes
 _json = msgspec.json.Encoder()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refusing (413) as soon as it is known to exceed `limit` bytes, and (400) when
+    it has not all arrived within `timeout` seconds: uvicorn itself waits for a trickling body forever."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(f"request body not received within {timeout:g}s ({size} bytes arrived)") from None
     return b"".join(chunks)
+
+
+def check_limits(body: MessagesRequest, server: ServerConfig) -> None:
+    """Refuse (400) more messages or tools than the configured limits: each costs event-loop time to translate."""
+    if len(body.messages) > server.max_messages:
+        raise InvalidRequest(f"messages: {len(body.messages)} messages; the limit is {server.max_messages}")
+    if isinstance(body.tools, list) and len(body.tools) > server.max_tools:
+        raise InvalidRequest(f"tools: {len(body.tools)} tools; the limit is {server.max_tools}")
 
 
 def session_key(request: Request, body: MessagesRequest) -> str | None:
@@ -66,6 +82,7 @@ def session_key(request: Request, body: MessagesRequest) -> str | None:
 def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
     body = decode_messages_request(raw)
     settings = gw.settings
+    check_limits(body, settings.server)
     pool = settings.pool_for(body.model)
     chat = to_chat_request(body, model_id=None, max_tokens_cap=settings.server.max_tokens_cap)
     blocks = block_hashes(prompt_parts(chat), salt=pool, block_size=settings.routing.block_size)
@@ -100,11 +117,29 @@ def upstream_request(gw: Gateway, prep: Prepared, node_id: str) -> tuple[str, by
 
 async def messages(request: Request) -> Response | RelayResponse:
     gw: Gateway = request.app.state.gateway
-    raw = await read_body(request, gw.settings.server.max_body_bytes)
-    prep = prepare(gw, request, raw)
-    if prep.body.stream:
-        return RelayResponse(gw, prep, upstream_request)
-    return await complete(gw, prep)
+    scope = request.scope
+    record = RequestRecord(scope.get("state", {}).get("request_id", ""), scope["method"], scope["path"])
+    status: int | str | None = "client_cancel"
+    try:
+        raw = await read_body(request, gw.settings.server.max_body_bytes, gw.settings.server.body_timeout_s)
+        prep = prepare(gw, request, raw)
+        prep.record = record
+        record.session, record.model = prep.session, prep.body.model
+        if prep.body.stream:
+            status = None
+            return RelayResponse(gw, prep, upstream_request)  # logs the request when the relay ends
+        response = await complete(gw, prep)
+        status = response.status_code
+        return response
+    except GatewayError as exc:
+        status = exc.status
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        if status is not None:
+            end_request(gw, record, status)
 
 
 async def complete(gw: Gateway, prep: Prepared) -> Response:
@@ -118,12 +153,18 @@ async def complete(gw: Gateway, prep: Prepared) -> Response:
             if last is None:
                 raise
             break
+        if last is not None:
+            gw.metrics.retries.labels(last.kind).inc()
         attempt = Attempt(gw, prep, decision)
         path, body = upstream_request(gw, prep, decision.node_id)
         client = gw.cluster.clients[decision.node_id]
         try:
             answer = await client.post(
-                path, body, timeout=gw.settings.timeouts.first_byte_s, headers=prep.upstream_headers
+                path,
+                body,
+                timeout=gw.settings.timeouts.first_byte_s,
+                headers=prep.upstream_headers,
+                max_bytes=gw.settings.server.max_answer_bytes,
             )
             if gw.cluster.nodes[decision.node_id].protocol == "anthropic":
                 data = _native_answer(answer, prep, decision.node_id)
@@ -161,7 +202,7 @@ def _native_answer(answer: bytes, prep: Prepared, node_id: str) -> bytes:
     """A native node's Messages answer, with the model name the client asked for."""
     try:
         data = msgspec.json.decode(answer)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         raise NodeFailure("protocol", f"node {node_id} sent invalid JSON") from None
     if not isinstance(data, dict) or data.get("type") != "message":
         raise NodeFailure("protocol", f"node {node_id} sent something that is not a message")
@@ -171,6 +212,7 @@ def _native_answer(answer: bytes, prep: Prepared, node_id: str) -> bytes:
 
 async def count_tokens(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
-    raw = await read_body(request, gw.settings.server.max_body_bytes)
+    raw = await read_body(request, gw.settings.server.max_body_bytes, gw.settings.server.body_timeout_s)
     body = decode_count_tokens_request(raw)
+    check_limits(body, gw.settings.server)
     return Response(_json.encode({"input_tokens": estimate_tokens(body)}), media_type="application/json")

@@ -34,7 +34,7 @@ class Metrics:
         self.requests = Counter(
             "mlxmux_requests",
             "Attempts of /v1/messages requests on a node, by outcome (HTTP status, stream_error, client_cancel) "
-            "and routing reason; requests that reached no node have node=\"\"",
+            'and routing reason; requests that reached no node have node=""',
             ["node", "status", "reason"],
             registry=r,
         )
@@ -53,7 +53,7 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter(
-            "mlxmux_prompt_tokens", "Prompt tokens of answered requests, as the node reported them", ["node"], registry=r
+            "mlxmux_prompt_tokens", "Prompt tokens of answered requests (node-reported)", ["node"], registry=r
         )
         self.cached_tokens = Counter(
             "mlxmux_cached_tokens", "Prompt tokens the node served from its prompt cache", ["node"], registry=r
@@ -65,10 +65,10 @@ class Metrics:
             "mlxmux_store_errors", "Shared store operations that failed (Redis unreachable or timed out)", registry=r
         )
         self.node_state = Gauge(
-            "mlxmux_node_state", "1 for the node's current health state, 0 for the others", ["node", "state"], registry=r
+            "mlxmux_node_state", "1 for the node's current health state, else 0", ["node", "state"], registry=r
         )
         self.node_draining = Gauge("mlxmux_node_draining", "1 while the node is draining", ["node"], registry=r)
-        self.inflight = Gauge("mlxmux_inflight", "Requests this replica has in flight on the node", ["node"], registry=r)
+        self.inflight = Gauge("mlxmux_inflight", "Requests in flight on the node (this replica)", ["node"], registry=r)
         self.store_shared = Gauge(
             "mlxmux_store_shared",
             "1 while routing with the configured store, 0 in degraded mode (shared store unreachable)",

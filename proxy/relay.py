@@ -35,6 +35,7 @@ from proxy.errors import (
     error_headers,
 )
 from proxy.gateway import Gateway
+from proxy.logs import RequestRecord, log_access
 from proxy.sse import PING, SSEDecoder, encode_event
 from proxy.stream import StreamTranslator
 from proxy.upstream import NodeFailure, NodeStream
@@ -59,6 +60,7 @@ class Prepared:
     message_id: str
     request_id: str
     received: float
+    record: RequestRecord = field(default_factory=RequestRecord)
 
     @property
     def upstream_headers(self) -> dict[str, str]:
@@ -79,24 +81,37 @@ class Attempt:
     cached_tokens: int = 0
     done: bool = False
 
+    def __post_init__(self) -> None:
+        record = self.prep.record
+        record.node, record.reason = self.decision.node_id, self.decision.reason
+        record.attempts += 1
+
     def first_token(self) -> None:
         if not self.ttft_ms:
             self.ttft_ms = (time.monotonic() - self.started) * 1000
 
-    async def _finish(self, outcome: Outcome) -> None:
+    async def _finish(self, outcome: Outcome, status: str) -> None:
         if self.done:
             return
         self.done = True
+        node, o, record = self.decision.node_id, outcome, self.prep.record
+        record.ttft_ms, record.prompt_tokens, record.cached_tokens = o.ttft_ms, o.prompt_tokens, o.cached_tokens
+        self.gw.metrics.attempt_ended(
+            node, status, self.decision.reason, o.ttft_ms / 1000, o.total_ms / 1000, o.prompt_tokens, o.cached_tokens
+        )
         await self.gw.finish(self.decision.lease, outcome)
 
     async def succeed(self) -> None:
         total = (time.monotonic() - self.started) * 1000
-        await self._finish(Outcome(True, self.ttft_ms or total, total, "", self.prompt_tokens, self.cached_tokens))
+        outcome = Outcome(True, self.ttft_ms or total, total, "", self.prompt_tokens, self.cached_tokens)
+        await self._finish(outcome, "200")
         await self.gw.health.report_request(self.decision.node_id, None, self.ttft_ms)
 
     async def fail(self, failure: NodeFailure) -> None:
         total = (time.monotonic() - self.started) * 1000
-        await self._finish(Outcome(False, self.ttft_ms, total, failure.kind))
+        # Once content reached the client the stream ends with an error event, not an HTTP status.
+        status = "stream_error" if self.ttft_ms else str(failure_error(failure).status)
+        await self._finish(Outcome(False, self.ttft_ms, total, failure.kind), status)
         await self.gw.health.report_request(self.decision.node_id, failure)
         log.warning("node %s failed request %s: %s", self.decision.node_id, self.prep.request_id, failure.message)
 
@@ -104,7 +119,7 @@ class Attempt:
         """The client went away (or the server is stopping): free the lease, blame no node."""
         total = (time.monotonic() - self.started) * 1000
         with contextlib.suppress(Exception):
-            await asyncio.shield(self._finish(Outcome(False, self.ttft_ms, total, "client_cancel")))
+            await asyncio.shield(self._finish(Outcome(False, self.ttft_ms, total, "client_cancel"), "client_cancel"))
 
 
 def failure_error(failure: NodeFailure) -> GatewayError:
@@ -116,6 +131,13 @@ def failure_error(failure: NodeFailure) -> GatewayError:
     if failure.kind == "protocol":
         return UpstreamError(failure.message)
     return Overloaded(failure.message)
+
+
+def end_request(gw: Gateway, record: RequestRecord, status: int | str) -> None:
+    """A /v1/messages request is over: its access line, and the count of a request that reached no node."""
+    if not record.attempts:
+        gw.metrics.requests.labels("", str(status), "").inc()
+    log_access(record, status, gw.settings.server.log_session_ids)
 
 
 UpstreamRequest = Callable[[Gateway, Prepared, str], tuple[str, bytes]]
@@ -142,6 +164,8 @@ class RelayResponse:
         self._send: Send | None = None
         self._lock = asyncio.Lock()  # the relay and the pinger both write
         self._pinger: asyncio.Task[None] | None = None
+        self.status: int | str = "client_cancel"
+        """What the client got: an HTTP status, `stream_error`, or `client_cancel` while unfinished."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
@@ -154,6 +178,7 @@ class RelayResponse:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            end_request(self.gw, self.prep.record, self.status)
 
     # -- writing to the client -------------------------------------------------------------
 
@@ -206,6 +231,7 @@ class RelayResponse:
     async def _error(self, error: GatewayError) -> None:
         """End the exchange with an error: a real HTTP status if nothing was sent yet, else an event."""
         assert self._send is not None
+        self.status = "stream_error" if self.headers_sent else error.status
         if not self.headers_sent:
             self.headers_sent = True
             headers = error_headers(error)
@@ -253,9 +279,12 @@ class RelayResponse:
                     if last is None:
                         raise
                     break
+                if last is not None:
+                    self.gw.metrics.retries.labels(last.kind).inc()
                 attempt = Attempt(self.gw, self.prep, decision)
                 try:
                     await self._attempt(attempt)
+                    self.status = 200
                     return
                 except NodeFailure as failure:
                     await attempt.fail(failure)
@@ -326,6 +355,7 @@ class RelayResponse:
         done = False
         async for chunk in self._chunks(stream, attempt):
             out: list[bytes] = []
+            self._bound_event(decoder, chunk, node_id)
             for msg in decoder.feed(chunk):
                 if msg.comment is not None:
                     if time.monotonic() - self.last_write >= 1.0:
@@ -360,6 +390,7 @@ class RelayResponse:
         stopped = False
         async for chunk in self._chunks(stream, attempt):
             out: list[bytes] = []
+            self._bound_event(decoder, chunk, node_id)
             for msg in decoder.feed(chunk):
                 if msg.data is None:
                     continue
@@ -381,9 +412,15 @@ class RelayResponse:
         if not stopped:
             raise NodeFailure("stream_cut", f"node {node_id} ended the stream before message_stop")
 
+    def _bound_event(self, decoder: SSEDecoder, chunk: bytes, node_id: str) -> None:
+        """A node streaming one endless line or event would make the decoder hold it all: fail it first."""
+        limit = self.settings.server.max_answer_bytes
+        if decoder.pending + len(chunk) > limit:
+            raise NodeFailure("protocol", f"node {node_id} sent a stream event over {limit} bytes")
+
     @staticmethod
     def _native_usage(data: str, attempt: Attempt) -> None:
-        with contextlib.suppress(msgspec.DecodeError):
+        with contextlib.suppress(msgspec.DecodeError, RecursionError, ValueError, TypeError):
             event = msgspec.json.decode(data)
             if isinstance(event, dict):
                 usage = (event.get("message") or {}).get("usage") or event.get("usage") or {}

@@ -35,6 +35,12 @@ class SSEDecoder:
         self._first = True
         self._event: str | None = None
         self._data: list[str] = []
+        self._data_size = 0
+
+    @property
+    def pending(self) -> int:
+        """Characters held for an event not yet dispatched (a caller bounds what a peer can make it hold)."""
+        return len(self._line) + self._data_size
 
     def feed(self, data: bytes) -> list[SSEMessage]:
         text = self._utf8.decode(data)
@@ -79,6 +85,7 @@ class SSEDecoder:
                 out.append(SSEMessage(self._event, "\n".join(self._data)))
             self._event = None
             self._data = []
+            self._data_size = 0
             return
         name, _, value = line.partition(":")
         if not name:
@@ -88,6 +95,7 @@ class SSEDecoder:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_size += len(value) + 1
         elif name == "event":
             self._event = value or None
 

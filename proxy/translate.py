@@ -333,7 +333,7 @@ def to_native_body(body: bytes, *, model_id: str | None, max_tokens_cap: int) ->
                 fields["system"] = Raw(_encode(system.partition("\n")[2]))
             elif isinstance(system, list) and any(_is_billing_block(b) for b in system):
                 fields["system"] = Raw(_encode([b for b in system if not _is_billing_block(b)]))
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the request body cannot be forwarded: {exc}") from None
     return _encode(fields)
 

@@ -37,7 +37,7 @@ def node_error_message(status: int, body: bytes) -> str:
     text = body[:2000].decode("utf-8", "replace").strip()
     try:
         data = msgspec.json.decode(body[:65536])
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return text or f"node answered HTTP {status}"
     if isinstance(data, dict):
         err = data.get("error", data.get("message"))

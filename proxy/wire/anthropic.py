@@ -286,6 +286,9 @@ def _decode(
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
+    except RecursionError:
+        # msgspec stops at Python's recursion limit (about 1000 levels of arrays or objects).
+        raise InvalidRequest("the request body is nested too deeply") from None
 
 
 def decode_messages_request(body: bytes) -> MessagesRequest:

@@ -189,9 +189,15 @@ _completion_decoder = msgspec.json.Decoder(ChatCompletion)
 
 def decode_chunk(data: bytes | str) -> ChatCompletionChunk:
     """One streamed chunk (the JSON after `data:`); msgspec errors (ValueError subclasses) on garbage."""
-    return _chunk_decoder.decode(data)
+    try:
+        return _chunk_decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is nested too deeply") from None
 
 
 def decode_completion(body: bytes) -> ChatCompletion:
     """A whole non-streaming answer; msgspec errors (ValueError subclasses) on garbage."""
-    return _completion_decoder.decode(body)
+    try:
+        return _completion_decoder.decode(body)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is nested too deeply") from None

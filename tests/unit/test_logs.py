@@ -1,0 +1,44 @@
+"""Access lines and the JSON log format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pytest
+
+from proxy.logs import Fields, JsonFormatter, RequestRecord, log_access, session_label
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("hash", hashlib.sha256(b"sess-1").hexdigest()[:12]), ("plain", "sess-1"), ("off", None)],
+)
+def test_session_label(mode, expected) -> None:
+    assert session_label("sess-1", mode) == expected
+    assert session_label(None, mode) is None
+
+
+def test_json_formatter_merges_fields_and_keeps_plain_messages() -> None:
+    fmt = JsonFormatter()
+    rec = logging.LogRecord("mlxmux.access", logging.INFO, "f", 1, Fields(status=200, node="mac1"), None, None)
+    line = json.loads(fmt.format(rec))
+    assert line["logger"] == "mlxmux.access" and line["status"] == 200 and line["node"] == "mac1"
+    rec = logging.LogRecord("mlxmux.health", logging.WARNING, "f", 1, "node %s down", ("mac2",), None)
+    line = json.loads(fmt.format(rec))
+    assert line["message"] == "node mac2 down" and line["level"] == "warning"
+    assert str(Fields(a=1, b=None, c="x")) == "a=1 c=x"
+
+
+@pytest.mark.parametrize("mode", ["hash", "off"])
+def test_access_line(caplog: pytest.LogCaptureFixture, mode) -> None:
+    record = RequestRecord("req_1", session="sess-1", model="claude-opus-4-8", node="mac1", reason="session")
+    record.attempts, record.prompt_tokens, record.cached_tokens, record.ttft_ms = 1, 1000, 900, 123.45
+    with caplog.at_level(logging.INFO, logger="mlxmux.access"):
+        log_access(record, 200, mode)
+    (line,) = [r.msg for r in caplog.records]
+    assert isinstance(line, Fields)
+    assert line["cached_share"] == 0.9 and line["status"] == 200 and line["ttft_ms"] == 123.5
+    assert ("session" in line) == (mode != "off")
+    assert "sess-1" not in str(line)
