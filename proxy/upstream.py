@@ -169,13 +169,22 @@ class NodeClient:
             if stream is not None:
                 await stream.aclose()
 
-    async def get(self, path: str, *, timeout: float) -> tuple[int, bytes]:
-        """GET for probes: (status, body). Raises NodeFailure on transport errors."""
+    async def get(self, path: str, *, timeout: float, max_bytes: int = 1024 * 1024) -> tuple[int, bytes]:
+        """GET for probes: (status, body), the body cut at `max_bytes` (a model list is a few KB; a node
+        answering something huge must not fill the gateway's memory). Raises NodeFailure on transport
+        errors and timeouts."""
         try:
-            r = await self._client.get(path, timeout=timeout)
+            async with asyncio.timeout(timeout), self._client.stream("GET", path, timeout=timeout) as r:
+                body = bytearray()
+                async for chunk in r.aiter_bytes():  # decoded: a node may gzip its model list
+                    body += chunk
+                    if len(body) >= max_bytes:
+                        break
+                return r.status_code, bytes(body[:max_bytes])
         except httpx.HTTPError as exc:
             raise self._classify(exc) from None
-        return r.status_code, r.content
+        except TimeoutError:
+            raise NodeFailure("timeout", f"node {self.node.id} did not answer GET {path} in {timeout:g}s") from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
