@@ -12,6 +12,7 @@ import httpx
 
 from proxy.config import NodeConfig, TimeoutConfig
 from proxy.upstream import NodeClient
+from state.health import NodeHealth, cluster_status
 from state.types import ROUTABLE_STATES, Candidate, NodeState
 
 
@@ -62,17 +63,12 @@ class Cluster:
 
     def status(self) -> str:
         """Cluster status derived from node states: starting, healthy, degraded, critical, offline."""
-        states = [self.states.get(n, NodeState.INITIALIZING) for n in self.nodes]
-        if not states:
-            return "offline"
-        routable = sum(s in ROUTABLE_STATES and n not in self.draining for n, s in zip(self.nodes, states, strict=True))
-        if routable == 0:
-            return "starting" if any(s == NodeState.INITIALIZING for s in states) else "offline"
-        if all(s == NodeState.HEALTHY for s in states) and not self.draining:
-            return "healthy"
-        if routable * 2 < len(states):
-            return "critical"
-        return "degraded"
+        return cluster_status(
+            [
+                NodeHealth(state=self.states.get(n, NodeState.INITIALIZING), draining=n in self.draining)
+                for n in self.nodes
+            ]
+        )
 
     async def aclose(self) -> None:
         for client in self.clients.values():

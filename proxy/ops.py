@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -142,12 +143,17 @@ def render_status(view: dict[str, Any], url: str) -> str:
                 str(n.get("url")),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += _table(rows)
     errors = [f"  {n['id']}: {n['last_error']}" for n in view.get("nodes", []) if n.get("last_error")]
     if errors:
         lines += ["", "last errors:", *errors]
     return "\n".join(lines)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as left-aligned columns two spaces apart (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def _nodes(args: argparse.Namespace) -> int:
@@ -186,9 +192,7 @@ def _sessions(args: argparse.Namespace) -> int:
         return 0
     rows = [("SESSION", "POOL", "NODE", "EXPIRES IN")]
     rows += [(b["session"], b["pool"], b["node_id"], f"{b['ttl_ms'] / 1000:.0f} s") for b in bindings]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print("\n".join(_table(rows)))
     per_node: dict[str, int] = {}
     for b in bindings:
         per_node[b["node_id"]] = per_node.get(b["node_id"], 0) + 1
