@@ -17,10 +17,10 @@ from starlette.responses import Response
 
 from proxy.answers import from_chat_completion
 from proxy.config import ServerConfig
-from proxy.errors import BodyTimeout, ClusterUnavailable, GatewayError, InvalidRequest, RequestTooLarge
+from proxy.errors import BodyTimeout, GatewayError, InvalidRequest, RequestTooLarge
 from proxy.gateway import Gateway
 from proxy.logs import RequestRecord
-from proxy.relay import Attempt, Prepared, RelayResponse, end_request, failure_error
+from proxy.relay import Attempt, Prepared, RelayResponse, end_request, with_failover
 from proxy.translate import (
     encode_chat_request,
     estimate_tokens,
@@ -144,54 +144,34 @@ async def messages(request: Request) -> Response | RelayResponse:
 
 async def complete(gw: Gateway, prep: Prepared) -> Response:
     """A non-streaming request: one whole answer from the first node that gives one."""
-    tried: list[str] = []
-    last: NodeFailure | None = None
-    for _ in range(gw.settings.routing.max_attempts):
-        try:
-            decision = await gw.route(prep.pool, prep.blocks, prep.session, tried)
-        except ClusterUnavailable:
-            if last is None:
-                raise
-            break
-        if last is not None:
-            gw.metrics.retries.labels(last.kind).inc()
-        attempt = Attempt(gw, prep, decision)
-        path, body = upstream_request(gw, prep, decision.node_id)
-        client = gw.cluster.clients[decision.node_id]
-        try:
-            answer = await client.post(
-                path,
-                body,
-                timeout=gw.settings.timeouts.first_byte_s,
-                headers=prep.upstream_headers,
-                max_bytes=gw.settings.server.max_answer_bytes,
-            )
-            if gw.cluster.nodes[decision.node_id].protocol == "anthropic":
-                data = _native_answer(answer, prep, decision.node_id)
-                await attempt.succeed()
-                return Response(data, media_type="application/json")
-            try:
-                completion = decode_completion(answer)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                raise NodeFailure("protocol", f"node {decision.node_id} sent an invalid completion") from None
-            result = from_chat_completion(
-                completion, model=prep.body.model, message_id=prep.message_id, stop_sequences=_stops(prep.body)
-            )
-            attempt.prompt_tokens = result.usage.input_tokens + (result.usage.cache_read_input_tokens or 0)
-            attempt.cached_tokens = result.usage.cache_read_input_tokens or 0
+
+    async def answer(attempt: Attempt) -> Response:
+        node_id = attempt.decision.node_id
+        path, body = upstream_request(gw, prep, node_id)
+        data = await gw.cluster.clients[node_id].post(
+            path,
+            body,
+            timeout=gw.settings.timeouts.first_byte_s,
+            headers=prep.upstream_headers,
+            max_bytes=gw.settings.server.max_answer_bytes,
+        )
+        if gw.cluster.nodes[node_id].protocol == "anthropic":
+            native = _native_answer(data, prep, node_id)
             await attempt.succeed()
-            return Response(_json.encode(result), media_type="application/json")
-        except NodeFailure as failure:
-            await attempt.fail(failure)
-            tried.append(decision.node_id)
-            last = failure
-            if not failure.retryable:
-                break
-        except BaseException:
-            await attempt.abandon()
-            raise
-    assert last is not None
-    raise failure_error(last)
+            return Response(native, media_type="application/json")
+        try:
+            completion = decode_completion(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            raise NodeFailure("protocol", f"node {node_id} sent an invalid completion") from None
+        result = from_chat_completion(
+            completion, model=prep.body.model, message_id=prep.message_id, stop_sequences=_stops(prep.body)
+        )
+        attempt.prompt_tokens = result.usage.input_tokens + (result.usage.cache_read_input_tokens or 0)
+        attempt.cached_tokens = result.usage.cache_read_input_tokens or 0
+        await attempt.succeed()
+        return Response(_json.encode(result), media_type="application/json")
+
+    return await with_failover(gw, prep, answer)
 
 
 def _stops(body: MessagesRequest) -> list[str]:

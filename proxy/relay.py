@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -120,6 +120,42 @@ class Attempt:
         total = (time.monotonic() - self.started) * 1000
         with contextlib.suppress(Exception):
             await asyncio.shield(self._finish(Outcome(False, self.ttft_ms, total, "client_cancel"), "client_cancel"))
+
+
+async def with_failover(
+    gw: Gateway, prep: Prepared, run: Callable[[Attempt], Awaitable[T]], *, stop: Callable[[], bool] = lambda: False
+) -> T:
+    """Route the request and `run` an attempt on the chosen node; after a retryable node failure, again on
+    another node (the failed ones excluded), up to `routing.max_attempts`, unless `stop()` says no more.
+
+    Raises ClusterUnavailable when no node was routable at all, else the client-facing error of the last
+    node failure. An attempt the client abandons (cancellation) frees its lease and blames no node.
+    """
+    tried: list[str] = []
+    last: NodeFailure | None = None
+    for _ in range(gw.settings.routing.max_attempts):
+        try:
+            decision = await gw.route(prep.pool, prep.blocks, prep.session, tried)
+        except ClusterUnavailable:
+            if last is None:
+                raise
+            break
+        if last is not None:
+            gw.metrics.retries.labels(last.kind).inc()
+        attempt = Attempt(gw, prep, decision)
+        try:
+            return await run(attempt)
+        except NodeFailure as failure:
+            await attempt.fail(failure)
+            tried.append(decision.node_id)
+            last = failure
+            if stop() or not failure.retryable:
+                break
+        except BaseException:
+            await attempt.abandon()
+            raise
+    assert last is not None
+    raise failure_error(last)
 
 
 def failure_error(failure: NodeFailure) -> GatewayError:
@@ -269,34 +305,10 @@ class RelayResponse:
     # -- the relay -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        tried: list[str] = []
-        last: NodeFailure | None = None
         try:
-            for _ in range(self.settings.routing.max_attempts):
-                try:
-                    decision = await self.gw.route(self.prep.pool, self.prep.blocks, self.prep.session, tried)
-                except ClusterUnavailable:
-                    if last is None:
-                        raise
-                    break
-                if last is not None:
-                    self.gw.metrics.retries.labels(last.kind).inc()
-                attempt = Attempt(self.gw, self.prep, decision)
-                try:
-                    await self._attempt(attempt)
-                    self.status = 200
-                    return
-                except NodeFailure as failure:
-                    await attempt.fail(failure)
-                    tried.append(decision.node_id)
-                    last = failure
-                    if self.content_sent or not failure.retryable:
-                        break
-                except BaseException:
-                    await attempt.abandon()
-                    raise
-            assert last is not None
-            await self._error(failure_error(last))
+            # Once content has reached the client nothing is retried: the stream ends with an error event.
+            await with_failover(self.gw, self.prep, self._attempt, stop=lambda: self.content_sent)
+            self.status = 200
         except GatewayError as exc:
             await self._error(exc)
         except Exception:
