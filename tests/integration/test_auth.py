@@ -13,6 +13,7 @@ import anthropic
 import httpx
 import pytest
 
+from tests.fake_http import JsonHandler, serving
 from tests.procs import Proc, free_port, gateway, sim_node
 
 pytestmark = pytest.mark.slow
@@ -167,9 +168,6 @@ def test_an_unreachable_store_lets_requests_through(node: Proc) -> None:
 def test_node_api_key_is_sent_upstream_and_never_shown() -> None:
     """A node behind auth (vLLM --api-key, a proxy): the gateway sends its key as a Bearer token, and
     the key appears in no answer, no operator view and no log line."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from pathlib import Path
     from tempfile import TemporaryDirectory
 
@@ -183,15 +181,7 @@ def test_node_api_key_is_sent_upstream_and_never_shown() -> None:
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
     }
 
-    class Node(BaseHTTPRequestHandler):
-        def reply(self, status: int, body: object) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Node(JsonHandler):
         def do_GET(self) -> None:
             seen.append(self.headers.get("authorization"))
             self.reply(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
@@ -204,30 +194,18 @@ def test_node_api_key_is_sent_upstream_and_never_shown() -> None:
             else:
                 self.reply(200, completion)
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Node)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        with TemporaryDirectory() as d:
-            config = Path(d) / "mlxmux.toml"
-            url = f"http://127.0.0.1:{server.server_address[1]}"
-            config.write_text(f'[[nodes]]\nid = "locked"\nurl = "{url}"\napi_key = "node-secret-123"\n')
-            with gateway(extra=["--config", str(config)]) as g:
-                r = httpx.post(
-                    g.url + "/v1/messages",
-                    json={"model": "claude-opus-4-8", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]},
-                    timeout=20,
-                )
-                assert r.status_code == 200 and r.json()["content"][0]["text"] == "hi"
-                views = [httpx.get(g.url + p, timeout=5).text for p in ("/cluster", "/admin/nodes", "/metrics")]
-                log = g.output()
-        assert seen and all(h == "Bearer node-secret-123" for h in seen)
-        for text in (r.text, *views, log):
-            assert "node-secret-123" not in text
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving(Node) as url, TemporaryDirectory() as d:
+        config = Path(d) / "mlxmux.toml"
+        config.write_text(f'[[nodes]]\nid = "locked"\nurl = "{url}"\napi_key = "node-secret-123"\n')
+        with gateway(extra=["--config", str(config)]) as g:
+            r = httpx.post(
+                g.url + "/v1/messages",
+                json={"model": "claude-opus-4-8", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]},
+                timeout=20,
+            )
+            assert r.status_code == 200 and r.json()["content"][0]["text"] == "hi"
+            views = [httpx.get(g.url + p, timeout=5).text for p in ("/cluster", "/admin/nodes", "/metrics")]
+            log = g.output()
+    assert seen and all(h == "Bearer node-secret-123" for h in seen)
+    for text in (r.text, *views, log):
+        assert "node-secret-123" not in text

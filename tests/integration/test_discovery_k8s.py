@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -17,6 +14,7 @@ import pytest
 
 from proxy.config import DiscoveryConfig, NodeConfig
 from proxy.discovery import DiscoveryError, DiscoveryRunner, KubernetesDiscovery
+from tests.fake_http import JsonHandler, serving
 from tests.integration.test_health import eventually, turn
 from tests.procs import Proc, free_port, gateway, mlxmux
 
@@ -34,7 +32,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 api.requests.append((parts.path, parse_qs(parts.query)))
@@ -47,19 +45,8 @@ class FakeApiServer:
                 else:
                     self.reply(200, api.slices())
 
-            def reply(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.handler = Handler
+        self.url = ""
 
     def pod(self, name: str, ip: str, *, ready: bool = True, terminating: bool = False) -> None:
         self.pods[name] = {
@@ -87,14 +74,8 @@ class FakeApiServer:
 @pytest.fixture
 def api() -> Iterator[FakeApiServer]:
     server = FakeApiServer()
-    thread = threading.Thread(target=server.server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(server.handler) as server.url:
         yield server
-    finally:
-        server.server.shutdown()
-        server.server.server_close()
-        thread.join(5)
 
 
 def ids(nodes: list[NodeConfig]) -> list[str]:
