@@ -29,6 +29,7 @@ from proxy.gateway import Gateway
 from proxy.messages import count_tokens, messages
 from proxy.metrics import metrics_endpoint
 from state import open_store
+from state.cache_model import belief_view
 from state.errors import StateUnavailable
 from state.store import Store
 
@@ -151,6 +152,7 @@ async def cluster_view(gw: Gateway) -> dict[str, object]:
             entry["inflight"] = view.inflight
             entry["sessions"] = view.sessions
             entry["stats"] = msgspec.to_builtins(view.stats)
+            entry["cache"] = belief_view(view.cache, node.cache_slots)
         nodes.append(entry)
     return {
         "status": gw.cluster.status(),
@@ -231,7 +233,14 @@ def build_app(
 
 def _store_limits(settings: Settings) -> dict[str, int]:
     r = settings.routing
-    return {"max_blocks_per_node": r.max_blocks_per_node, "prefix_ttl_ms": int(r.prefix_ttl_s * 1000)}
+    return {
+        "max_blocks_per_node": r.max_blocks_per_node,
+        "max_request_blocks": r.max_request_blocks,
+        "prefix_ttl_ms": int(r.prefix_ttl_s * 1000),
+        "block_size": r.block_size,
+        "session_ttl_ms": int(r.session_ttl_s * 1000),
+        "session_active_ms": int(r.session_active_s * 1000),
+    }
 
 
 def create_app() -> Starlette:

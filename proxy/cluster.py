@@ -45,6 +45,10 @@ class Cluster:
         if client is not None:
             await client.aclose()
 
+    def prompt_order(self, pool: str) -> str:
+        """How the pool's nodes render system prompt and tools (the first node's setting; one pool, one model)."""
+        return next((n.prompt_order for n in self.nodes.values() if n.pool == pool), "system-first")
+
     def pools(self) -> list[str]:
         return sorted({n.pool for n in self.nodes.values()})
 

@@ -45,6 +45,9 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     <system-reminder> (default: Qwen and most chat templates reject late system messages), or as is."""
     api_key: str | None = None
     """Sent upstream as `Authorization: Bearer …`; never logged or echoed."""
+    prompt_order: Literal["system-first", "tools-first"] = "system-first"
+    """The order the node's chat template renders the system prompt and the tools (Qwen, Llama, GLM: system
+    first). Prompts are hashed in this order, so it must match for prefix routing (docs/routing.md)."""
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -94,6 +97,13 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefix_ttl_s: float = 3600.0
     block_size: int = 1024
     max_blocks_per_node: int = 4096
+    max_request_blocks: int = 1024
+    """Blocks of one prompt hashed, matched and recorded (1 MiB at the default block size)."""
+    cache_feedback: bool = True
+    """Correct the model of each node's cache from the `cached_tokens` every answer reports (docs/routing.md);
+    off, the router believes where it sent prompts (for comparison: bench/real_routing.py)."""
+    session_active_s: float = 600.0
+    """A bound session counts against its node's cache while its last turn is this recent."""
     max_attempts: int = 3
     """Nodes tried for one request before giving up (only before any content reached the client)."""
     retry_after_s: int = 10
@@ -289,6 +299,8 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_SESSION_TTL_S": ("routing", "session_ttl_s"),
     "MLXMUX_LEASE_TTL_S": ("routing", "lease_ttl_s"),
     "MLXMUX_MAX_ATTEMPTS": ("routing", "max_attempts"),
+    "MLXMUX_CACHE_FEEDBACK": ("routing", "cache_feedback"),
+    "MLXMUX_SESSION_ACTIVE_S": ("routing", "session_active_s"),
     "MLXMUX_KEY_PREFIX": ("routing", "key_prefix"),
     "MLXMUX_CONNECT_TIMEOUT_S": ("timeouts", "connect_s"),
     "MLXMUX_FIRST_BYTE_TIMEOUT_S": ("timeouts", "first_byte_s"),

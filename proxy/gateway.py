@@ -15,7 +15,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -26,6 +26,7 @@ from proxy.errors import ClusterUnavailable
 from proxy.health import HealthMonitor
 from proxy.membership import Membership
 from proxy.metrics import Metrics
+from proxy.translate import DEFAULT_BYTES_PER_TOKEN
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
 from state.policy import rendezvous_rank
@@ -60,6 +61,8 @@ class Gateway:
         self._store_backoff = 0.0
         self._store_retry_at = 0.0
         self._local_leases: set[Lease] = set()
+        self.calibration: dict[str, float] = {}
+        """Pool -> bytes of translated prompt per token, from its nodes' own prompt_tokens reports."""
         self.latency_order: tuple[str, ...] = ()
         """Node ids fastest first by shared p50 time to first token (for `latency-based`)."""
         self._tasks: list[asyncio.Task[None]] = []
@@ -224,7 +227,7 @@ class Gateway:
             self._mark_store(False)
 
     async def _maintain(self) -> None:
-        """Every health interval: the node set (registry, discovery), then a health round."""
+        """Every health interval: the node set (registry, discovery), a health round, the token calibration."""
         while True:
             await asyncio.sleep(self.settings.health.interval_s)
             try:
@@ -232,8 +235,22 @@ class Gateway:
                     await self._probe_store()
                 await self.membership.sync()
                 await self.health.round()
+                if not self._store_closed():
+                    await self.calibrate()
             except Exception:  # a bug here must not end health checking for the life of the process
                 log.exception("health round failed")
+
+    async def calibrate(self) -> None:
+        """Bytes per token of each pool, from the prompts its nodes reported (shared: every replica agrees)."""
+        try:
+            views = await self.store.node_views(list(self.cluster.nodes))
+        except StateUnavailable:
+            self._mark_store(False)
+            return
+        self.calibration = calibration(views, {n.id: n.pool for n in self.cluster.nodes.values()})
+
+    def bytes_per_token(self, pool: str) -> float:
+        return self.calibration.get(pool, DEFAULT_BYTES_PER_TOKEN)
 
     async def _refresh_latency(self) -> None:
         while True:
@@ -243,6 +260,21 @@ class Gateway:
             except StateUnavailable:
                 self._mark_store(False)
             await asyncio.sleep(self.settings.health.interval_s)
+
+
+MIN_CALIBRATION_TOKENS = 1000
+"""Reported prompt tokens a pool needs before its own ratio replaces the default."""
+
+
+def calibration(views: Sequence[NodeView], pools: Mapping[str, str]) -> dict[str, float]:
+    """Pool -> bytes per token over its nodes' reported prompts (pools with too few reports left out)."""
+    sums: dict[str, tuple[int, int]] = {}
+    for v in views:
+        pool = pools.get(v.node_id)
+        if pool is not None:
+            b, t = sums.get(pool, (0, 0))
+            sums[pool] = (b + v.cache.prompt_bytes, t + v.cache.prompt_tokens)
+    return {pool: b / t for pool, (b, t) in sums.items() if t >= MIN_CALIBRATION_TOKENS and b > 0}
 
 
 def latency_order(views: Sequence[NodeView]) -> tuple[str, ...]:

@@ -40,13 +40,16 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _models_listed(body: bytes) -> set[str]:
+def _models_listed(body: bytes) -> set[str] | None:
+    """The model ids of a `/v1/models` answer, or None when the body is no model list at all (empty,
+    cut, not JSON, another shape): that says nothing about the model. mlx_lm.server 0.32 sends 200
+    headers and an empty body when `~/.cache/huggingface/hub` does not exist, while serving fine."""
     try:
         data = msgspec.json.decode(body)
     except (msgspec.DecodeError, RecursionError):
-        return set()
+        return None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        return set()
+        return None
     return {str(m.get("id")) for m in data["data"] if isinstance(m, dict)}
 
 
@@ -91,7 +94,9 @@ class HealthMonitor:
             return exc.message
         if status != 200:
             return f"/v1/models answered {status}"
-        if node.model is not None and node.model not in _models_listed(body):
+        # Only a real list that lacks the model is a mismatch; an empty or unreadable 200 can't tell.
+        listed = _models_listed(body)
+        if node.model is not None and listed is not None and node.model not in listed:
             return f"model {node.model!r} is not served"
         return None
 
@@ -153,8 +158,12 @@ class HealthMonitor:
 
     async def report_request(self, node_id: str, failure: NodeFailure | None, ttft_ms: float = 0.0) -> None:
         """A real request ended on this node. Successes cost no I/O unless they heal a node (or were
-        slower to the first token than `slow_first_token_s`, which degrades it)."""
+        slower to the first token than `slow_first_token_s`, which degrades it). A failure the node did not
+        cause (`NodeFailure.blames_node` false: its 4xx, the gateway's own errors, a full connection pool)
+        changes nothing: it neither counts against the node nor, being no answer, heals it."""
         if node_id not in self.cluster.nodes:
+            return
+        if failure is not None and not failure.blames_node:
             return
         slow_s = self.config.slow_first_token_s
         if failure is None and slow_s > 0 and ttft_ms > slow_s * 1000:
@@ -164,8 +173,6 @@ class HealthMonitor:
         current = self.records.get(node_id, NodeHealth())
         if failure is None and on_request(current, None, "", self.policy, 0) == current:
             return
-        if failure is not None and failure.kind == "http_4xx":
-            return  # the request's fault, not the node's
         kind = failure.kind if failure is not None else None
         message = failure.message if failure is not None else ""
         await self.change(node_id, lambda h: on_request(h, kind, message, self.policy, now_ms(), random.random()))

@@ -20,7 +20,7 @@ from proxy.config import ServerConfig
 from proxy.errors import BodyTimeout, GatewayError, InvalidRequest, RequestTooLarge
 from proxy.gateway import Gateway
 from proxy.logs import RequestRecord
-from proxy.relay import Attempt, Prepared, RelayResponse, end_request, with_failover
+from proxy.relay import Attempt, Prepared, RelayResponse, end_request, native_usage, with_failover
 from proxy.translate import (
     encode_chat_request,
     estimate_tokens,
@@ -29,6 +29,7 @@ from proxy.translate import (
     to_native_body,
 )
 from proxy.upstream import NodeFailure
+from proxy.validate import session_key_part
 from proxy.wire.anthropic import (
     MessagesRequest,
     decode_count_tokens_request,
@@ -70,13 +71,19 @@ def check_limits(body: MessagesRequest, server: ServerConfig) -> None:
 
 
 def session_key(request: Request, body: MessagesRequest) -> str | None:
-    """Binding key: the conversation's session id, plus the agent id for a subagent's own conversation."""
+    """Binding key: the conversation's session id, plus the agent id for a subagent's own conversation.
+
+    Each part is used as it is when it is printable ASCII of at most 128 characters, else hashed to
+    `h:<32 hex>` (`proxy.validate.session_key_part`): the key is forwarded as the `x-session-id` header
+    and used in store keys and logs, so it must never carry CR/LF, non-ASCII or megabytes.
+    """
     h = request.headers
     session = h.get("x-claude-code-session-id") or h.get("x-session-id") or session_id_from_metadata(body)
     if not session:
         return None
     agent = h.get("x-claude-code-agent-id")
-    return f"{session}/{agent}" if agent else session
+    key = session_key_part(session)
+    return f"{key}/{session_key_part(agent)}" if agent else key
 
 
 def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
@@ -85,7 +92,11 @@ def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
     check_limits(body, settings.server)
     pool = settings.pool_for(body.model)
     chat = to_chat_request(body, model_id=None, max_tokens_cap=settings.server.max_tokens_cap)
-    blocks = block_hashes(prompt_parts(chat), salt=pool, block_size=settings.routing.block_size)
+    parts = prompt_parts(chat, tools_first=gw.cluster.prompt_order(pool) == "tools-first")
+    routing = settings.routing
+    # Bounded work per request: only the first max_request_blocks blocks are hashed, matched and recorded.
+    head = _head_bytes(parts, routing.block_size * routing.max_request_blocks)
+    blocks = block_hashes([head], salt=pool, block_size=routing.block_size)
     return Prepared(
         raw=raw,
         body=body,
@@ -96,7 +107,20 @@ def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
         message_id=f"msg_{uuid.uuid4().hex[:24]}",
         request_id=request.scope.get("state", {}).get("request_id", ""),
         received=time.monotonic(),
+        prompt_bytes=sum([len(p) for p in parts]),
     )
+
+
+def _head_bytes(parts: list[bytes], limit: int) -> bytes:
+    """The first `limit` bytes of the parts joined (without joining a 30 MB prompt whole)."""
+    out: list[bytes] = []
+    size = 0
+    for part in parts:
+        if size >= limit:
+            break
+        out.append(part[: limit - size])
+        size += len(out[-1])
+    return b"".join(out)
 
 
 def upstream_request(gw: Gateway, prep: Prepared, node_id: str) -> tuple[str, bytes]:
@@ -156,7 +180,7 @@ async def complete(gw: Gateway, prep: Prepared) -> Response:
             max_bytes=gw.settings.server.max_answer_bytes,
         )
         if gw.cluster.nodes[node_id].protocol == "anthropic":
-            native = _native_answer(data, prep, node_id)
+            native = _native_answer(data, prep, node_id, attempt)
             await attempt.succeed()
             return Response(native, media_type="application/json")
         try:
@@ -168,6 +192,7 @@ async def complete(gw: Gateway, prep: Prepared) -> Response:
         )
         attempt.prompt_tokens = result.usage.input_tokens + (result.usage.cache_read_input_tokens or 0)
         attempt.cached_tokens = result.usage.cache_read_input_tokens or 0
+        attempt.completion_tokens = result.usage.output_tokens
         await attempt.succeed()
         return Response(_json.encode(result), media_type="application/json")
 
@@ -178,8 +203,8 @@ def _stops(body: MessagesRequest) -> list[str]:
     return list(body.stop_sequences) if isinstance(body.stop_sequences, list) else []
 
 
-def _native_answer(answer: bytes, prep: Prepared, node_id: str) -> bytes:
-    """A native node's Messages answer, with the model name the client asked for."""
+def _native_answer(answer: bytes, prep: Prepared, node_id: str, attempt: Attempt) -> bytes:
+    """A native node's Messages answer, with the model name the client asked for (its usage booked)."""
     try:
         data = msgspec.json.decode(answer)
     except (msgspec.DecodeError, RecursionError):
@@ -187,6 +212,7 @@ def _native_answer(answer: bytes, prep: Prepared, node_id: str) -> bytes:
     if not isinstance(data, dict) or data.get("type") != "message":
         raise NodeFailure("protocol", f"node {node_id} sent something that is not a message")
     data["model"] = prep.body.model
+    native_usage(data.get("usage"), attempt)
     return _json.encode(data)
 
 
@@ -195,4 +221,5 @@ async def count_tokens(request: Request) -> Response:
     raw = await read_body(request, gw.settings.server.max_body_bytes, gw.settings.server.body_timeout_s)
     body = decode_count_tokens_request(raw)
     check_limits(body, gw.settings.server)
-    return Response(_json.encode({"input_tokens": estimate_tokens(body)}), media_type="application/json")
+    tokens = estimate_tokens(body, gw.bytes_per_token(gw.settings.pool_for(body.model)))
+    return Response(_json.encode({"input_tokens": tokens}), media_type="application/json")

@@ -121,7 +121,8 @@ def render_status(view: dict[str, Any], url: str) -> str:
         f" · store {store}{reachable} · via {url}",
         "",
     ]
-    header = ("NODE", "STATE", "IN-FLIGHT", "TTFT p50", "CACHED", "SESSIONS", "OK/ERR", "URL")
+    header: tuple[str, ...] = ("NODE", "STATE", "IN-FLIGHT", "TTFT p50", "CACHED", "PREDICTED", "MISSES", "ENTRIES")
+    header += ("SESSIONS", "OK/ERR", "URL")
     rows = [header]
     for n in view.get("nodes", []):
         stats = n.get("stats") or {}
@@ -138,6 +139,7 @@ def render_status(view: dict[str, Any], url: str) -> str:
                 f"{n.get('inflight', '-')}/{n.get('max_concurrency', '-')}",
                 f"{ttft:.0f} ms" if isinstance(ttft, int | float) else "-",
                 cached,
+                *_belief_cells(n.get("cache") or {}),
                 str(n.get("sessions", "-")),
                 f"{stats.get('ok', 0)}/{stats.get('errors', 0)}",
                 str(n.get("url")),
@@ -148,6 +150,21 @@ def render_status(view: dict[str, Any], url: str) -> str:
     if errors:
         lines += ["", "last errors:", *errors]
     return "\n".join(lines)
+
+
+def _belief_cells(cache: dict[str, Any]) -> tuple[str, str, str]:
+    """PREDICTED (the cached share the router expected), MISSES (answers where the node had evicted what the
+    router believed it held) and ENTRIES (believed entries / capacity) of one node."""
+    predicted = cache.get("predicted_share")
+    reports, misses = cache.get("reports") or 0, cache.get("misses") or 0
+    slots = cache.get("cache_slots")
+    capacity = cache.get("capacity") or slots
+    entries = f"{cache.get('entries', 0)}/{capacity}" if capacity else str(cache.get("entries", "-"))
+    return (
+        f"{predicted:.0%}" if isinstance(predicted, int | float) else "-",
+        f"{misses}/{reports}" if reports else "-",
+        entries if cache else "-",
+    )
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -205,6 +222,7 @@ def redis_view(url: str, prefix: str) -> dict[str, Any]:
     import asyncio
 
     from state import open_store
+    from state.cache_model import belief_view
     from state.errors import StateUnavailable
 
     async def read() -> dict[str, Any]:
@@ -231,6 +249,7 @@ def redis_view(url: str, prefix: str) -> dict[str, Any]:
                     "inflight": view.inflight,
                     "sessions": view.sessions,
                     "stats": msgspec.to_builtins(view.stats),
+                    "cache": belief_view(view.cache, None),
                 }
             )
         status = cluster_status(list(health.values()))

@@ -41,6 +41,7 @@ from proxy.stream import StreamTranslator
 from proxy.upstream import NodeFailure, NodeStream
 from proxy.wire.anthropic import MessagesRequest
 from proxy.wire.openai import ChatCompletionRequest, decode_chunk
+from state.cache_model import CacheReport
 from state.types import Decision, Outcome
 
 log = logging.getLogger("mlxmux.relay")
@@ -61,6 +62,8 @@ class Prepared:
     request_id: str
     received: float
     record: RequestRecord = field(default_factory=RequestRecord)
+    prompt_bytes: int = 0
+    """Bytes of the rendered prompt the blocks were cut from (bytes per token, with the node's usage)."""
 
     @property
     def upstream_headers(self) -> dict[str, str]:
@@ -79,6 +82,7 @@ class Attempt:
     ttft_ms: float = 0.0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    completion_tokens: int = 0
     done: bool = False
 
     def __post_init__(self) -> None:
@@ -94,6 +98,8 @@ class Attempt:
         if self.done:
             return
         self.done = True
+        if outcome.error_class != "client_cancel":  # a cancelled request may or may not have been stored
+            outcome = msgspec.structs.replace(outcome, report=self._cache_report(outcome.ok))
         node, o, record = self.decision.node_id, outcome, self.prep.record
         record.ttft_ms, record.prompt_tokens, record.cached_tokens = o.ttft_ms, o.prompt_tokens, o.cached_tokens
         self.gw.metrics.attempt_ended(
@@ -101,18 +107,36 @@ class Attempt:
         )
         await self.gw.finish(self.decision.lease, outcome)
 
+    def _cache_report(self, ok: bool) -> CacheReport | None:
+        """What this answer tells the store about the node's cache (state.cache_model)."""
+        prep = self.prep
+        if not prep.blocks or not self.gw.settings.routing.cache_feedback:
+            return None
+        node = self.gw.cluster.nodes.get(self.decision.node_id)
+        return CacheReport(
+            blocks=prep.blocks,
+            prompt_bytes=prep.prompt_bytes,
+            prompt_tokens=self.prompt_tokens if ok else 0,
+            cached_tokens=self.cached_tokens if ok else 0,
+            completion_tokens=self.completion_tokens if ok else 0,
+            cache_slots=node.cache_slots if node is not None else 10,
+            reported=ok and self.prompt_tokens > 0,
+        )
+
     async def succeed(self) -> None:
         total = (time.monotonic() - self.started) * 1000
         outcome = Outcome(True, self.ttft_ms or total, total, "", self.prompt_tokens, self.cached_tokens)
         await self._finish(outcome, "200")
         await self.gw.health.report_request(self.decision.node_id, None, self.ttft_ms)
 
-    async def fail(self, failure: NodeFailure) -> None:
+    async def fail(self, failure: NodeFailure, *, blame: bool = True) -> None:
+        """The attempt failed. `blame=False`: the caller decides later whether it counts against the node."""
         total = (time.monotonic() - self.started) * 1000
         # Once content reached the client the stream ends with an error event, not an HTTP status.
         status = "stream_error" if self.ttft_ms else str(failure_error(failure).status)
         await self._finish(Outcome(False, self.ttft_ms, total, failure.kind), status)
-        await self.gw.health.report_request(self.decision.node_id, failure)
+        if blame:
+            await self.gw.health.report_request(self.decision.node_id, failure)
         log.warning("node %s failed request %s: %s", self.decision.node_id, self.prep.request_id, failure.message)
 
     async def abandon(self) -> None:
@@ -125,48 +149,118 @@ class Attempt:
 async def with_failover(
     gw: Gateway, prep: Prepared, run: Callable[[Attempt], Awaitable[T]], *, stop: Callable[[], bool] = lambda: False
 ) -> T:
-    """Route the request and `run` an attempt on the chosen node; after a retryable node failure, again on
+    """Route the request and `run` an attempt on the chosen node; after a retryable failure, again on
     another node (the failed ones excluded), up to `routing.max_attempts`, unless `stop()` says no more.
 
+    Blame (docs/health.md, "What counts against a node"): only failures the node caused
+    (`NodeFailure.blames_node`) are reported to its health. One that could also be the request's fault
+    (`failure_signature`) is held until the next node answers: if that node fails the same way, the
+    request is at fault — neither node is blamed, nothing more is tried, and the client gets a 400 with
+    the node's words. If it is served, fails otherwise or no node is left, the held failure counts.
+
     Raises ClusterUnavailable when no node was routable at all, else the client-facing error of the last
-    node failure. An attempt the client abandons (cancellation) frees its lease and blames no node.
+    failure. An attempt the client abandons (cancellation) frees its lease and blames no node.
     """
     tried: list[str] = []
     last: NodeFailure | None = None
-    for _ in range(gw.settings.routing.max_attempts):
-        try:
-            decision = await gw.route(prep.pool, prep.blocks, prep.session, tried)
-        except ClusterUnavailable:
-            if last is None:
-                raise
-            break
-        if last is not None:
-            gw.metrics.retries.labels(last.kind).inc()
-        attempt = Attempt(gw, prep, decision)
-        try:
-            return await run(attempt)
-        except NodeFailure as failure:
-            await attempt.fail(failure)
-            tried.append(decision.node_id)
-            last = failure
-            if stop() or not failure.retryable:
+    held: tuple[str, NodeFailure] | None = None
+    try:
+        for _ in range(gw.settings.routing.max_attempts):
+            try:
+                decision = await gw.route(prep.pool, prep.blocks, prep.session, tried)
+            except ClusterUnavailable:
+                if last is None:
+                    raise
                 break
-        except BaseException:
-            await attempt.abandon()
-            raise
+            if last is not None:
+                gw.metrics.retries.labels(last.kind).inc()
+            attempt = Attempt(gw, prep, decision)
+            node_id = decision.node_id
+            try:
+                return await run(attempt)
+            except NodeFailure as failure:
+                await attempt.fail(failure, blame=False)
+                tried.append(node_id)
+                last = failure
+                signature = failure_signature(node_id, failure)
+                if held is not None and signature is not None and signature == failure_signature(*held):
+                    first, held = held[0], None
+                    raise same_way_error(first, node_id, failure) from None
+                if held is not None:
+                    await _blame(gw, *held)
+                    held = None
+                if signature is not None and failure.blames_node:
+                    held = (node_id, failure)
+                elif failure.blames_node:
+                    await _blame(gw, node_id, failure)
+                if stop() or not failure.retryable:
+                    break
+            except BaseException:
+                await attempt.abandon()
+                raise
+    finally:
+        if held is not None:
+            await _blame(gw, *held)
     assert last is not None
     raise failure_error(last)
+
+
+async def _blame(gw: Gateway, node_id: str, failure: NodeFailure) -> None:
+    """Count a failure against the node (also while the request is being cancelled)."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(gw.health.report_request(node_id, failure))
+
+
+# Statuses that say the node (or a proxy in front of it) is down or busy, whatever was asked.
+_STATE_STATUSES = frozenset({502, 503, 504})
+
+
+def failure_signature(node_id: str, failure: NodeFailure) -> tuple[str, str] | None:
+    """What a failure looks like apart from the node that gave it, when it may be the request's fault.
+
+    Two failures are "the same way" when their signatures are equal: the same kind and the same words,
+    the node's id taken out. Only answers that can depend on the request have one: an HTTP error with a
+    message from its body (not 502/503/504, which describe the server, not the request), a broken
+    answer or stream (mlx_lm.server hangs up on some invalid parameters). Connect errors, timeouts and
+    the gateway's own failures have none: two dead or slow nodes are two dead or slow nodes.
+    """
+    if failure.kind in ("http_4xx", "http_5xx"):
+        if failure.status in _STATE_STATUSES or failure.message == f"node answered HTTP {failure.status}":
+            return None
+    elif failure.kind not in ("protocol", "stream_cut"):
+        return None
+    return failure.kind, failure.message.replace(f"node {node_id}", "node")
+
+
+def same_way_error(first: str, second: str, failure: NodeFailure) -> InvalidRequest:
+    """The client's answer when two nodes failed a request the same way: the request is at fault."""
+    words = failure.message.replace(f"node {second}", "the node")
+    status = f"HTTP {failure.status}: " if failure.status else ""
+    return InvalidRequest(
+        f"nodes {first} and {second} both failed this request the same way, so it is not retried "
+        f"(check its parameters): {status}{words}"
+    )
 
 
 def failure_error(failure: NodeFailure) -> GatewayError:
     """What the client sees when a node failed and no other node could take the request."""
     if failure.kind == "http_4xx":
         return InvalidRequest(f"the node rejected the request: {failure.message}")
+    if failure.kind == "request_header":
+        return InvalidRequest(failure.message)
+    if failure.kind == "pool_wait":
+        return Overloaded(f"{failure.message}; retry shortly", retry_after=POOL_RETRY_AFTER_S)
+    if failure.kind == "gateway":
+        return UpstreamError(failure.message)
     if failure.kind == "timeout":
         return UpstreamTimeout(failure.message)
     if failure.kind == "protocol":
         return UpstreamError(failure.message)
     return Overloaded(failure.message)
+
+
+POOL_RETRY_AFTER_S = 2
+"""Retry-After (seconds) when the gateway's connections to the nodes are all busy."""
 
 
 def end_request(gw: Gateway, record: RequestRecord, status: int | str) -> None:
@@ -177,6 +271,10 @@ def end_request(gw: Gateway, record: RequestRecord, status: int | str) -> None:
 
 
 UpstreamRequest = Callable[[Gateway, Prepared, str], tuple[str, bytes]]
+
+
+FINISH_GRACE_S = 5.0
+"""How long a finished stream may take to book its success, write its last bytes and close the node."""
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -202,6 +300,11 @@ class RelayResponse:
         self._pinger: asyncio.Task[None] | None = None
         self.status: int | str = "client_cancel"
         """What the client got: an HTTP status, `stream_error`, or `client_cancel` while unfinished."""
+        self.finishing = False
+        """The node finished its answer (and the success is booked): a client hanging up now cancels nothing."""
+        self.error_sent = False
+        """An `error` event already went out (a native node's own): no second one."""
+        self._booking: asyncio.Future[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
@@ -209,11 +312,18 @@ class RelayResponse:
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if self.finishing and not relay.done():
+                # The answer is complete; the client (or uvicorn, once the last byte is out) reported the
+                # hang-up first. Let the relay end its own way: it only writes the tail and closes the node.
+                await asyncio.wait({relay}, timeout=FINISH_GRACE_S)
         finally:
             tasks = [relay, watch] + ([self._pinger] if self._pinger else [])
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._booking is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._booking), FINISH_GRACE_S)
             end_request(self.gw, self.prep.record, self.status)
 
     # -- writing to the client -------------------------------------------------------------
@@ -275,6 +385,9 @@ class RelayResponse:
             body = error_body(error.type, error.message, self.prep.request_id)
             await self._send({"type": "http.response.body", "body": body, "more_body": False})
             return
+        if self.error_sent:
+            await self._end()
+            return
         kind = "overloaded_error" if error.retryable else "api_error"
         if error.status < 500 and not error.retryable:
             kind = error.type
@@ -330,17 +443,31 @@ class RelayResponse:
         try:
             await self._start()
             if node.protocol == "anthropic":
-                await self._relay_native(stream, attempt)
+                tail = await self._relay_native(stream, attempt)
             else:
-                await self._relay_chat(stream, attempt)
+                tail = await self._relay_chat(stream, attempt)
         except BaseException:
             await stream.aclose()
             raise
+        await self._complete(attempt, stream, tail)
+
+    async def _complete(self, attempt: Attempt, stream: NodeStream, tail: bytes) -> None:
+        """The node finished its answer (chat: `[DONE]` or a finish_reason; native: message_stop).
+
+        The success is booked first, exactly once and shielded from cancellation, then `tail` (the
+        message_delta/message_stop the client has not seen yet) is written and the response ended: a
+        client that hangs up the moment it has the last byte, or a node that closes its socket a little
+        after `[DONE]` (mlx_lm.server's HTTP/1.0), cannot turn a success into a cancel or a failure.
+        """
+        self.finishing = True
+        self.status = 200
+        self._booking = asyncio.ensure_future(attempt.succeed())
         try:
+            await asyncio.shield(self._booking)
+            await self._write(tail)
             await self._end()
         finally:
             await stream.release()
-        await attempt.succeed()
 
     async def _chunks(self, stream: NodeStream, attempt: Attempt) -> AsyncIterator[bytes]:
         """Yield the node's bytes, enforcing silence limits (the pinger speaks to the client meanwhile)."""
@@ -359,47 +486,60 @@ class RelayResponse:
             since = time.monotonic()
             yield chunk
 
-    async def _relay_chat(self, stream: NodeStream, attempt: Attempt) -> None:
+    async def _relay_chat(self, stream: NodeStream, attempt: Attempt) -> bytes:
+        """Translate the node's chat stream; returns the closing events (message_delta, message_stop),
+        written once the success is booked."""
         node_id = attempt.decision.node_id
         stops = self.prep.body.stop_sequences if isinstance(self.prep.body.stop_sequences, list) else ()
         tr = StreamTranslator(model=self.prep.body.model, message_id=self.prep.message_id, stop_sequences=stops)
         decoder = SSEDecoder()
         done = False
-        async for chunk in self._chunks(stream, attempt):
-            out: list[bytes] = []
-            self._bound_event(decoder, chunk, node_id)
-            for msg in decoder.feed(chunk):
-                if msg.comment is not None:
-                    if time.monotonic() - self.last_write >= 1.0:
-                        out.append(PING)  # node keepalive during prefill: let the client hear it
-                    continue
-                if msg.data is None:
-                    continue
-                if msg.data == "[DONE]":
-                    done = True
+        try:
+            async for chunk in self._chunks(stream, attempt):
+                out: list[bytes] = []
+                self._bound_event(decoder, chunk, node_id)
+                for msg in decoder.feed(chunk):
+                    if msg.comment is not None:
+                        if time.monotonic() - self.last_write >= 1.0:
+                            out.append(PING)  # node keepalive during prefill: let the client hear it
+                        continue
+                    if msg.data is None:
+                        continue
+                    if msg.data == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        parsed = decode_chunk(msg.data)
+                    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                        raise NodeFailure("protocol", f"node {node_id} sent an invalid stream chunk") from None
+                    out.extend(encode_event(e) for e in tr.feed(parsed))
+                if tr.started_content and not self.content_sent:
+                    self.content_sent = True
+                    attempt.first_token()
+                if out:
+                    await self._write(b"".join(out))
+                if done:
                     break
-                try:
-                    parsed = decode_chunk(msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                    raise NodeFailure("protocol", f"node {node_id} sent an invalid stream chunk") from None
-                out.extend(encode_event(e) for e in tr.feed(parsed))
-            if tr.started_content and not self.content_sent:
-                self.content_sent = True
-                attempt.first_token()
-            if out:
-                await self._write(b"".join(out))
-            if done:
-                break
+        except NodeFailure:
+            if not tr.finished:
+                raise
+            # The node had sent its finish_reason: whatever breaks after it (the socket, the usage
+            # chunk) leaves a complete answer.
         if not (done or tr.finished):
             raise NodeFailure("stream_cut", f"node {node_id} ended the stream before finishing")
         attempt.prompt_tokens, attempt.cached_tokens = tr.prompt_tokens, tr.cached_tokens
-        await self._write(b"".join(encode_event(e) for e in tr.finish()))
+        attempt.completion_tokens = tr.output_tokens
+        return b"".join(encode_event(e) for e in tr.finish())
 
-    async def _relay_native(self, stream: NodeStream, attempt: Attempt) -> None:
-        """Pass a native Anthropic stream through, swallowing the node's message_start (ours went first)."""
+    async def _relay_native(self, stream: NodeStream, attempt: Attempt) -> bytes:
+        """Pass a native Anthropic stream through, swallowing the node's message_start (ours went first).
+
+        Returns the node's message_stop event (written once the success is booked) as soon as it
+        arrives, whatever the node's socket does after it. A node's `error` event is passed through and
+        fails the attempt (before any content: another node is tried).
+        """
         node_id = attempt.decision.node_id
         decoder = SSEDecoder()
-        stopped = False
         async for chunk in self._chunks(stream, attempt):
             out: list[bytes] = []
             self._bound_event(decoder, chunk, node_id)
@@ -417,12 +557,19 @@ class RelayResponse:
                     attempt.first_token()
                 if name == "message_delta":
                     self._native_usage(msg.data, attempt)
-                stopped = stopped or name in ("message_stop", "error")
-                out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), msg.data.encode()))
+                event = b"event: %s\ndata: %s\n\n" % (name.encode(), msg.data.encode())
+                if name == "message_stop":
+                    if out:
+                        await self._write(b"".join(out))
+                    return event
+                if name == "error":
+                    await self._write(b"".join([*out, event]))
+                    self.error_sent = True
+                    raise NodeFailure("http_5xx", f"node {node_id} reported an error mid-stream")
+                out.append(event)
             if out:
                 await self._write(b"".join(out))
-        if not stopped:
-            raise NodeFailure("stream_cut", f"node {node_id} ended the stream before message_stop")
+        raise NodeFailure("stream_cut", f"node {node_id} ended the stream before message_stop")
 
     def _bound_event(self, decoder: SSEDecoder, chunk: bytes, node_id: str) -> None:
         """A node streaming one endless line or event would make the decoder hold it all: fail it first."""
@@ -435,10 +582,21 @@ class RelayResponse:
         with contextlib.suppress(msgspec.DecodeError, RecursionError, ValueError, TypeError):
             event = msgspec.json.decode(data)
             if isinstance(event, dict):
-                usage = (event.get("message") or {}).get("usage") or event.get("usage") or {}
-                if isinstance(usage, dict):
-                    cached = int(usage.get("cache_read_input_tokens") or 0)
-                    fresh = int(usage.get("input_tokens") or 0)
-                    if cached or fresh:
-                        attempt.cached_tokens = cached
-                        attempt.prompt_tokens = cached + fresh
+                message = event.get("message")
+                usage = (message.get("usage") if isinstance(message, dict) else None) or event.get("usage")
+                native_usage(usage, attempt)
+
+
+def native_usage(usage: object, attempt: Attempt) -> None:
+    """Book a native node's Anthropic `usage` on the attempt: prompt = fresh + cache reads + cache writes."""
+    if not isinstance(usage, dict):
+        return
+    try:
+        cached = int(usage.get("cache_read_input_tokens") or 0)
+        prompt = cached + int(usage.get("input_tokens") or 0) + int(usage.get("cache_creation_input_tokens") or 0)
+    except (ValueError, TypeError):
+        return
+    if prompt:
+        attempt.prompt_tokens, attempt.cached_tokens = prompt, cached
+    with contextlib.suppress(ValueError, TypeError):
+        attempt.completion_tokens = int(usage.get("output_tokens") or 0) or attempt.completion_tokens

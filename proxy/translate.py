@@ -16,6 +16,7 @@ tool message's `tool_call_id`, so the pair always matches.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import msgspec
@@ -282,14 +283,22 @@ def encode_chat_request(chat: ChatCompletionRequest) -> bytes:
     return _encode(chat)
 
 
-def prompt_parts(chat: ChatCompletionRequest) -> list[bytes]:
-    """Deterministic bytes of the prompt, in prompt order: the tools list, then each message.
+def prompt_parts(chat: ChatCompletionRequest, *, tools_first: bool = False) -> list[bytes]:
+    """Deterministic bytes of the prompt, in the order the node's chat template renders it: the leading
+    system message, then the tools list, then each other message (`tools_first`: the tools before the
+    system message, for templates that render them so).
 
-    Each message's bytes depend on that message alone, so turn N+1 of a conversation starts with
-    exactly turn N's items (what prefix-affinity hashing relies on).
+    The common templates (Qwen, Llama, GLM, …) render the system prompt first and the tools after it, so
+    two agents that share tools but not their system prompt share no prefix on the node, and must not
+    look related to the router. Each message's bytes depend on that message alone, so turn N+1 of a
+    conversation starts with exactly turn N's items (what prefix-affinity hashing relies on).
     """
-    parts = [_encode(chat.tools) if isinstance(chat.tools, list) else b"[]"]
-    parts.extend([_encode(m) for m in chat.messages])
+    messages = chat.messages
+    lead = 1 if messages and isinstance(messages[0], SystemMessage) else 0
+    tools = _encode(chat.tools) if isinstance(chat.tools, list) else b"[]"
+    system = [_encode(m) for m in messages[:lead]]
+    parts = [tools, *system] if tools_first else [*system, tools]
+    parts.extend([_encode(m) for m in messages[lead:]])
     return parts
 
 
@@ -349,13 +358,22 @@ def native_prompt_parts(req: MessagesRequest) -> list[bytes]:
     return parts
 
 
-def estimate_tokens(req: MessagesRequest) -> int:
-    """A `/v1/messages/count_tokens` answer without a tokenizer: the translated prompt's bytes / 4.
+DEFAULT_BYTES_PER_TOKEN = 4.0
+"""Until a pool's nodes have reported usage: about 4 bytes of translated prompt per token."""
+
+
+def prompt_bytes(req: MessagesRequest) -> int:
+    """Bytes of the translated prompt (`prompt_parts` of the chat request a node would get)."""
+    chat = to_chat_request(req, model_id=None, max_tokens_cap=1)
+    return sum([len(p) for p in prompt_parts(chat)])
+
+
+def estimate_tokens(req: MessagesRequest, bytes_per_token: float = DEFAULT_BYTES_PER_TOKEN) -> int:
+    """A `/v1/messages/count_tokens` answer without a tokenizer: the translated prompt's bytes divided by
+    the pool's bytes per token, as calibrated from its nodes' own `prompt_tokens` reports.
 
     The bytes are `prompt_parts` of the chat request a node would get (billing header dropped, images
     as placeholders), whose JSON framing stands in for each message's template overhead. Deterministic,
     and it never shrinks when content is added.
     """
-    chat = to_chat_request(req, model_id=None, max_tokens_cap=1)
-    size = sum([len(p) for p in prompt_parts(chat)])
-    return -(-size // 4)
+    return max(1, math.ceil(prompt_bytes(req) / max(0.5, bytes_per_token)))

@@ -1,14 +1,31 @@
 """The one module that talks to inference nodes (httpx).
 
-One pooled `httpx.AsyncClient` per node. Errors are classified here into the small vocabulary
-the rest of the gateway uses (`NodeFailure.kind`): connect, timeout, http_5xx, http_4xx,
-protocol. Streams are always closed by the caller (`NodeStream.aclose`), including when the
-client goes away, so an abandoned generation stops on the node at once.
+One pooled `httpx.AsyncClient` per node (and a small one of its own for probes, so probes never wait
+behind a full request pool). Errors are classified here into the small vocabulary the rest of the
+gateway uses (`NodeFailure.kind`), and each kind says whose fault it was (`NodeFailure.blames_node`):
+
+    kind            whose fault         what it is
+    connect         the node            refused, reset or unreachable while connecting
+    timeout         the node            no answer (headers, bytes, a whole body) in time
+    http_5xx        the node            it answered 5xx
+    stream_cut      the node            the connection broke, or the stream ended unfinished
+    protocol        the node            it broke HTTP or sent something that is not a valid answer
+    http_4xx        the request         the node refused the request
+    request_header  the request         a header taken from the client's request cannot be sent
+    pool_wait       the gateway         every pooled connection to the node was busy (the gateway is full)
+    gateway         the gateway         its own HTTP client refused (bad URL, local protocol error,
+                                        out of sockets or file descriptors)
+
+Only the node's own failures count against its health. Streams are always closed by the caller
+(`NodeStream.aclose`), including when the client goes away, so an abandoned generation stops on the
+node at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import re
 from collections.abc import Mapping
 
 import httpx
@@ -16,9 +33,21 @@ import msgspec
 
 from proxy.config import NodeConfig, TimeoutConfig
 
+NODE_KINDS = frozenset({"connect", "timeout", "http_5xx", "stream_cut", "protocol"})
+"""Failure kinds the node caused: only these count against its health."""
+GATEWAY_KINDS = frozenset({"pool_wait", "gateway"})
+"""Failure kinds the gateway caused: they count against nothing; another node (its own pool, URL) may work."""
+REQUEST_KINDS = frozenset({"http_4xx", "request_header"})
+"""Failure kinds the request caused: they count against nothing and are not retried (bad everywhere)."""
+
+# A header value that every HTTP/1.1 stack sends and reads back unchanged: visible ASCII and inner spaces.
+_SENDABLE_HEADER = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+# OS errors while connecting that mean the gateway's machine ran out of something, not that the node is away.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+
 
 class NodeFailure(Exception):
-    """A node did not serve a request. `kind` is connect, timeout, http_5xx, http_4xx or protocol."""
+    """A request was not served on a node. `kind` says what happened and whose fault it was (module doc)."""
 
     def __init__(self, kind: str, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -27,9 +56,36 @@ class NodeFailure(Exception):
         self.status = status
 
     @property
+    def blames_node(self) -> bool:
+        """Whether the node caused it (connect, timeout, 5xx, broken stream or answer): only then it
+        counts against the node's health. A 4xx, the gateway's own errors and a full pool never do."""
+        return self.kind in NODE_KINDS
+
+    @property
     def retryable(self) -> bool:
-        """Another node may succeed: everything but a 4xx (a bad request is bad everywhere)."""
-        return self.kind != "http_4xx"
+        """Another node may succeed: not after a 4xx or an unsendable client header (bad everywhere)."""
+        return self.kind not in REQUEST_KINDS
+
+
+def unsendable_header(headers: Mapping[str, str]) -> str | None:
+    """The name of the first header whose value cannot be sent as it is (control characters such as
+    CR/LF, non-ASCII, leading or trailing spaces, empty), else None."""
+    for name, value in headers.items():
+        if not _SENDABLE_HEADER.fullmatch(value):
+            return name
+    return None
+
+
+def _local_os_error(exc: BaseException) -> OSError | None:
+    """An OSError in the exception's chain that the gateway's own machine raised (no free socket or fd)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _LOCAL_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def node_error_message(status: int, body: bytes) -> str:
@@ -68,10 +124,21 @@ class NodeStream:
     async def aclose(self) -> None:
         await self.response.aclose()
 
+    @property
+    def reusable(self) -> bool:
+        """The connection can go back to the pool once the body is read: HTTP/1.1 without `connection:
+        close`. mlx_lm.server speaks HTTP/1.0: its body ends only when it closes the socket, which may be
+        a while after `data: [DONE]`; there is nothing worth waiting for."""
+        r = self.response
+        return r.http_version == "HTTP/1.1" and "close" not in r.headers.get("connection", "").lower()
+
     async def release(self, grace: float = 0.5) -> None:
-        """Close after a finished stream, first reading what is left of the body (the last chunk
-        marker, after `data: [DONE]`) for up to `grace` seconds, so the connection goes back to the
-        pool instead of being dropped: the next request skips a TCP connect."""
+        """Close after a finished stream. A reusable connection is first drained of what is left of the
+        body (the last chunk marker, after `data: [DONE]`) for up to `grace` seconds, so it goes back to
+        the pool instead of being dropped: the next request skips a TCP connect. Any other is closed at once."""
+        if not self.reusable:
+            await self.response.aclose()
+            return
         try:
             async with asyncio.timeout(grace):
                 async for _ in self._iter:
@@ -100,17 +167,39 @@ class NodeClient:
         limits = httpx.Limits(
             max_connections=max(64, node.max_concurrency * 8), max_keepalive_connections=32, keepalive_expiry=2.0
         )
+        self.max_connections = limits.max_connections
         self._client = httpx.AsyncClient(
             base_url=node.url, headers=headers, timeout=timeout, limits=limits, transport=transport
         )
+        # Probes get their own few connections: a pool full of long streams must not fail the probes.
+        self._probe_client = httpx.AsyncClient(
+            base_url=node.url,
+            headers=headers,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=0),
+            transport=transport,
+        )
 
-    def _classify(self, exc: httpx.HTTPError) -> NodeFailure:
+    def _classify(self, exc: Exception) -> NodeFailure:
         nid = self.node.id
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        if isinstance(exc, httpx.PoolTimeout):
+            return NodeFailure(
+                "pool_wait",
+                f"the gateway is at its limit of {self.max_connections} connections to node {nid} "
+                f"and none came free within {self.timeouts.connect_s:g}s",
+            )
+        local = _local_os_error(exc)
+        if local is not None:
+            return NodeFailure("gateway", f"the gateway could not open a connection to node {nid}: {local}")
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return NodeFailure("connect", f"node {nid} is unreachable: {type(exc).__name__}")
         if isinstance(exc, httpx.TimeoutException):
             return NodeFailure("timeout", f"node {nid} timed out")
-        return NodeFailure("protocol", f"node {nid} failed: {type(exc).__name__}: {exc}")
+        if isinstance(exc, httpx.LocalProtocolError | httpx.UnsupportedProtocol | httpx.InvalidURL | httpx.ProxyError):
+            return NodeFailure("gateway", f"the gateway could not send the request to node {nid}: {exc}")
+        if isinstance(exc, httpx.HTTPError):
+            return NodeFailure("protocol", f"node {nid} failed: {type(exc).__name__}: {exc}")
+        return NodeFailure("gateway", f"the gateway could not send the request to node {nid}: {exc!r}")
 
     async def _check(self, response: httpx.Response) -> None:
         if response.status_code < 400:
@@ -125,10 +214,17 @@ class NodeClient:
         raise NodeFailure(kind, node_error_message(response.status_code, body), status=response.status_code)
 
     async def open_stream(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> NodeStream:
-        """POST and return once the node's response headers arrive (status checked)."""
-        request = self._client.build_request(
-            "POST", path, content=body, headers={"content-type": "application/json", **(headers or {})}
-        )
+        """POST and return once the node's response headers arrive (status checked). `headers` come from the
+        client's request: one that cannot be sent as it is fails as `request_header` (nothing is sent)."""
+        bad = unsendable_header(headers or {})
+        if bad is not None:
+            raise NodeFailure("request_header", f"the {bad} header cannot be forwarded: not printable ASCII")
+        try:
+            request = self._client.build_request(
+                "POST", path, content=body, headers={"content-type": "application/json", **(headers or {})}
+            )
+        except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
+            raise self._classify(exc) from None
         try:
             try:
                 response = await self._client.send(request, stream=True)
@@ -136,7 +232,7 @@ class NodeClient:
                 # A pooled connection the node had just closed: it never saw the request. Once more, on a
                 # fresh connection (a node that really hangs up on every request fails again, and is blamed).
                 response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise self._classify(exc) from None
         await self._check(response)
         return NodeStream(response, self)
@@ -174,17 +270,18 @@ class NodeClient:
         answering something huge must not fill the gateway's memory). Raises NodeFailure on transport
         errors and timeouts."""
         try:
-            async with asyncio.timeout(timeout), self._client.stream("GET", path, timeout=timeout) as r:
+            async with asyncio.timeout(timeout), self._probe_client.stream("GET", path, timeout=timeout) as r:
                 body = bytearray()
                 async for chunk in r.aiter_bytes():  # decoded: a node may gzip its model list
                     body += chunk
                     if len(body) >= max_bytes:
                         break
                 return r.status_code, bytes(body[:max_bytes])
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise self._classify(exc) from None
         except TimeoutError:
             raise NodeFailure("timeout", f"node {self.node.id} did not answer GET {path} in {timeout:g}s") from None
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._probe_client.aclose()

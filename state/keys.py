@@ -5,11 +5,13 @@ All keys start with the configured prefix (`mlxmux:` by default):
     {prefix}session:{pool}:{session}   STRING  node id the session is bound to (TTL: session TTL)
     {prefix}node:{node}:sessions       ZSET    "{pool}:{session}" -> binding expiry ms (counts bound sessions)
     {prefix}node:{node}:leases         ZSET    lease id -> lease expiry ms (counts in-flight requests)
-    {prefix}node:{node}:blocks         ZSET    block hash -> LRU rank (the node's prefix index, capped)
+    {prefix}node:{node}:lru            ZSET    entry tip block -> last used ms (the model of the node's prompt cache)
+    {prefix}node:{node}:entries        HASH    entry tip block -> "<tokens>:<n>:,<block>,…,<block>," (its blocks)
+    {prefix}node:{node}:refs           HASH    block hash -> entries holding it (the blocks the node holds)
+    {prefix}node:{node}:cache          HASH    learned capacity and belief-vs-report counters
     {prefix}node:{node}:stats          HASH    outcome counters and token totals
     {prefix}node:{node}:ttft           LIST    recent time-to-first-token samples, ms (capped)
     {prefix}node:{node}:total          LIST    recent total-time samples, ms (capped)
-    {prefix}block:{hash}               HASH    node id -> last time routed there, ms (TTL: prefix TTL)
     {prefix}rr:{pool}                  STRING  round-robin counter of the pool
     {prefix}node-health                HASH    node id -> health record (JSON, state.health.NodeHealth)
     {prefix}probe:{node}               STRING  replica probing the node this interval (TTL: the interval)
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 SESSION = "session:"
 NODE = "node:"
-BLOCK = "block:"
 RR = "rr:"
 NODE_HEALTH = "node-health"
 PROBE = "probe:"
@@ -37,11 +38,16 @@ INFLIGHT = "inflight"
 # kinds of per-node keys: {prefix}node:{node}:{kind}
 SESSIONS = "sessions"
 LEASES = "leases"
-BLOCKS = "blocks"
+LRU = "lru"
+ENTRIES = "entries"
+REFS = "refs"
+CACHE = "cache"
 STATS = "stats"
 TTFT = "ttft"
 TOTAL = "total"
-NODE_KINDS = (SESSIONS, LEASES, BLOCKS, STATS, TTFT, TOTAL)
+CACHE_KINDS = (LRU, ENTRIES, REFS, CACHE)
+"""The model of the node's prompt cache (state.cache_model)."""
+NODE_KINDS = (SESSIONS, LEASES, *CACHE_KINDS, STATS, TTFT, TOTAL)
 
 # fields of {prefix}node:{node}:stats
 OK = "ok"
@@ -53,6 +59,9 @@ PROMPT_TOKENS = "prompt_tokens"
 CACHED_TOKENS = "cached_tokens"
 CLIENT_CANCEL = "client_cancel"
 """The error class of a request its client abandoned: counted apart, not against the node."""
+
+# fields of {prefix}node:{node}:cache (state.cache_model.CacheCounters; the entry count is ZCARD of :lru)
+CACHE_FIELDS = ("capacity", "reports", "predicted_tokens", "reported_tokens", "misses", "prompt_bytes", "prompt_tokens")
 
 
 def escape_pool(pool: str) -> str:
@@ -79,10 +88,6 @@ def session_key(prefix: str, pool: str, session: str) -> str:
 
 def node_key(prefix: str, node_id: str, kind: str) -> str:
     return f"{prefix}{NODE}{node_id}:{kind}"
-
-
-def block_key(prefix: str, block: str) -> str:
-    return f"{prefix}{BLOCK}{block}"
 
 
 def rr_key(prefix: str, pool: str) -> str:
@@ -112,8 +117,8 @@ def lua_prelude() -> str:
 local P = ARGV[1]
 local function session_key(member) return P .. "{SESSION}" .. member end
 local function node_key(node, kind) return P .. "{NODE}" .. node .. ":" .. kind end
-local function block_key(block) return P .. "{BLOCK}" .. block end
-local SESSIONS, LEASES, BLOCKS = "{SESSIONS}", "{LEASES}", "{BLOCKS}"
+local SESSIONS, LEASES = "{SESSIONS}", "{LEASES}"
+local LRU, ENTRIES, REFS, CACHE = "{LRU}", "{ENTRIES}", "{REFS}", "{CACHE}"
 local STATS, TTFT, TOTAL = "{STATS}", "{TTFT}", "{TOTAL}"
 local F_OK, F_ERRORS, F_CANCELLED, F_ERROR_CLASS = "{OK}", "{ERRORS}", "{CANCELLED}", "{ERROR_CLASS}"
 local F_PROMPT_TOKENS, F_CACHED_TOKENS, CLIENT_CANCEL = "{PROMPT_TOKENS}", "{CACHED_TOKENS}", "{CLIENT_CANCEL}"

@@ -1,10 +1,10 @@
 """`MemoryStore`: the store of a single process (the default without Redis).
 
 Same behaviour as `RedisStore` (one contract test suite checks both). Every operation runs without
-awaiting, so each one is atomic among the coroutines of the event loop. Memory is bounded: the
-prefix index keeps at most `max_blocks_per_node` blocks per node (least recently routed dropped
-first), and expired bindings, leases and prefix entries are dropped as they are met and by a
-sweep at most once a minute.
+awaiting, so each one is atomic among the coroutines of the event loop. Memory is bounded: the model
+of each node's cache (state.cache_model) holds at most its capacity in entries and
+`max_blocks_per_node` blocks, and expired bindings, leases and idle node models are dropped as they
+are met and by a sweep at most once a minute.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from state import keys
+from state.cache_model import CacheCounters, CacheReport, NodeCache
 from state.health import NodeHealth
 from state.policy import NodeLoad, choose_node
 from state.types import (
@@ -77,10 +78,8 @@ class MemoryStore:
         """node id -> (pool, session) -> binding expiry ms"""
         self._leases: dict[str, dict[str, int]] = {}
         """node id -> lease id -> expiry ms"""
-        self._block_nodes: dict[str, dict[str, int]] = {}
-        """block hash -> node id -> last routed ms"""
-        self._node_blocks: dict[str, collections.OrderedDict[str, int]] = {}
-        """node id -> block hash -> last routed ms, least recently routed first"""
+        self._caches: dict[str, NodeCache] = {}
+        """node id -> the router's model of its prompt cache"""
         self._rr: dict[str, int] = {}
         self._stats: dict[str, _Stats] = {}
         self._health: dict[str, NodeHealth] = {}
@@ -95,10 +94,17 @@ class MemoryStore:
     async def route(self, request: RouteRequest) -> Decision:
         now = self._clock()
         self._maybe_sweep(now)
+        blocks = request.blocks[: self.limits.max_request_blocks]
+        active_after = now + request.session_ttl_ms - self.limits.session_active_ms
         loads: dict[str, NodeLoad] = {}
         for c in request.candidates:
-            loads[c.node_id] = NodeLoad(self._live_leases(c.node_id, now), self._live_sessions(c.node_id, now), 0)
-        self._match(request, loads, now)
+            cache = self._live_cache(c.node_id, now)
+            loads[c.node_id] = NodeLoad(
+                self._live_leases(c.node_id, now),
+                self._live_sessions(c.node_id, now, active_after),
+                cache.matched(blocks) if cache is not None else 0,
+                cache.effective_capacity(c.cache_slots) if cache is not None else 0,
+            )
 
         binding: str | None = None
         key = (request.pool, request.session or "")
@@ -111,6 +117,8 @@ class MemoryStore:
             turn = self._rr.get(request.pool, 0)
             self._rr[request.pool] = turn + 1
 
+        if len(blocks) != len(request.blocks):
+            request = msgspec.structs.replace(request, blocks=blocks)
         choice = choose_node(request, loads, binding, turn=turn)
         node = choice.node_id
         if choice.bind:
@@ -121,7 +129,8 @@ class MemoryStore:
             self._node_sessions.setdefault(node, {})[key] = expiry
         lease_id = request.lease_id or secrets.token_hex(8)
         self._leases.setdefault(node, {})[lease_id] = now + request.lease_ttl_ms
-        self._record(node, request.blocks, now)
+        if blocks:
+            self._cache(node).predict(blocks, now, self.limits.max_blocks_per_node)
         return Decision(
             node_id=node,
             reason=choice.reason,
@@ -149,6 +158,17 @@ class MemoryStore:
                 stats.errors += 1
         stats.prompt_tokens += outcome.prompt_tokens
         stats.cached_tokens += outcome.cached_tokens
+        if outcome.report is not None:
+            self._learn(lease.node_id, outcome.ok, outcome.report)
+
+    def _learn(self, node_id: str, ok: bool, report: CacheReport) -> None:
+        limits = self.limits
+        if len(report.blocks) > limits.max_request_blocks:
+            report = msgspec.structs.replace(report, blocks=report.blocks[: limits.max_request_blocks])
+        if ok and report.reported and report.prompt_tokens > 0:
+            self._cache(node_id).report(report, self._clock(), limits.block_size, limits.max_blocks_per_node)
+        elif not ok and node_id in self._caches:
+            self._caches[node_id].drop_pending(report.blocks)
 
     async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> None:
         expiry = self._clock() + ttl_ms
@@ -184,11 +204,9 @@ class MemoryStore:
     # -- maintenance ---------------------------------------------------------------------------
 
     async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
-        lru = self._node_blocks.get(node_id)
-        for block in blocks:
-            self._drop_block(node_id, block)
-            if lru is not None:
-                lru.pop(block, None)
+        cache = self._caches.get(node_id)
+        if cache is not None:
+            cache.forget(blocks)
 
     async def unbind(self, pool: str, session: str) -> None:
         entry = self._bindings.pop((pool, session), None)
@@ -200,8 +218,7 @@ class MemoryStore:
             entry = self._bindings.get(key)
             if entry is not None and entry[0] == node_id:
                 del self._bindings[key]
-        for block in self._node_blocks.pop(node_id, {}):
-            self._drop_block(node_id, block)
+        self._caches.pop(node_id, None)
         self._leases.pop(node_id, None)
         self._stats.pop(node_id, None)
         self._health.pop(node_id, None)
@@ -233,15 +250,18 @@ class MemoryStore:
 
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
         now = self._clock()
+        active_after = now + self.limits.session_ttl_ms - self.limits.session_active_ms
         views = []
         for node_id in node_ids:
             stats = self._stats.get(node_id)
+            cache = self._caches.get(node_id)
             views.append(
                 NodeView(
                     node_id=node_id,
                     inflight=self._live_leases(node_id, now),
-                    sessions=self._live_sessions(node_id, now),
+                    sessions=self._live_sessions(node_id, now, active_after),
                     stats=stats.view() if stats is not None else NodeStats(),
+                    cache=cache.counters() if cache is not None else CacheCounters(),
                 )
             )
         return views
@@ -271,7 +291,8 @@ class MemoryStore:
             del held[lease_id]
         return len(held)
 
-    def _live_sessions(self, node_id: str, now: int) -> int:
+    def _live_sessions(self, node_id: str, now: int, active_after: int | None = None) -> int:
+        """Live bindings to the node; with `active_after`, only those whose expiry is later (a recent turn)."""
         bound = self._node_sessions.get(node_id)
         if not bound:
             return 0
@@ -280,54 +301,23 @@ class MemoryStore:
             entry = self._bindings.get(key)
             if entry is not None and entry[0] == node_id and entry[1] <= now:
                 del self._bindings[key]
-        return len(bound)
+        if active_after is None:
+            return len(bound)
+        return sum(1 for expiry in bound.values() if expiry > active_after)
 
-    def _match(self, request: RouteRequest, loads: dict[str, NodeLoad], now: int) -> None:
-        """Fill in each candidate's run of leading blocks it is known to hold (fresh entries only)."""
-        fresh_after = now - self.limits.prefix_ttl_ms
-        alive = [c.node_id for c in request.candidates]
-        for depth, block in enumerate(request.blocks, start=1):
-            if not alive:
-                break
-            holders = self._block_nodes.get(block, {})
-            still = []
-            for node in alive:
-                seen = holders.get(node)
-                if seen is not None and seen > fresh_after:
-                    loads[node] = NodeLoad(loads[node].inflight, loads[node].sessions, depth)
-                    still.append(node)
-            alive = still
+    def _live_cache(self, node_id: str, now: int) -> NodeCache | None:
+        """The node's cache model, unless it lapsed (no routing or report for the prefix TTL)."""
+        cache = self._caches.get(node_id)
+        if cache is not None and cache.touched <= now - self.limits.prefix_ttl_ms:
+            del self._caches[node_id]
+            return None
+        return cache
 
-    def _record(self, node_id: str, blocks: Sequence[str], now: int) -> None:
-        """Predicted placement: the node will hold these blocks once it has served the request."""
-        if not blocks:
-            return
-        lru = self._node_blocks.setdefault(node_id, collections.OrderedDict())
-        # The first block ends up most recent, so trimming eats a prompt from its tail.
-        for block in reversed(blocks):
-            lru[block] = now
-            lru.move_to_end(block)
-            self._block_nodes.setdefault(block, {})[node_id] = now
-        self._expire_blocks(node_id, lru, now)
-        while len(lru) > self.limits.max_blocks_per_node:
-            block, _ = lru.popitem(last=False)
-            self._drop_block(node_id, block)
-
-    def _expire_blocks(self, node_id: str, lru: collections.OrderedDict[str, int], now: int) -> None:
-        cutoff = now - self.limits.prefix_ttl_ms
-        while lru:
-            block, seen = next(iter(lru.items()))
-            if seen > cutoff:
-                break
-            lru.popitem(last=False)
-            self._drop_block(node_id, block)
-
-    def _drop_block(self, node_id: str, block: str) -> None:
-        holders = self._block_nodes.get(block)
-        if holders is not None:
-            holders.pop(node_id, None)
-            if not holders:
-                del self._block_nodes[block]
+    def _cache(self, node_id: str) -> NodeCache:
+        cache = self._caches.get(node_id)
+        if cache is None:
+            cache = self._caches[node_id] = NodeCache()
+        return cache
 
     def _maybe_sweep(self, now: int) -> None:
         """Drop everything expired, including what belongs to nodes no longer routed to."""
@@ -342,7 +332,6 @@ class MemoryStore:
                 del self._node_sessions[node_id]
         for key in [key for key, (_, expiry) in self._bindings.items() if expiry <= now]:
             del self._bindings[key]
-        for node_id, lru in list(self._node_blocks.items()):
-            self._expire_blocks(node_id, lru, now)
-            if not lru:
-                del self._node_blocks[node_id]
+        for node_id, cache in list(self._caches.items()):
+            if cache.touched <= now - self.limits.prefix_ttl_ms:
+                del self._caches[node_id]

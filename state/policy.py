@@ -9,17 +9,21 @@ same IEEE doubles and break ties the same way.
 cache-aware (the default)
     1. A session bound to a node sticks to it while the node is a candidate and has
        in-flight < max_concurrency * overload_factor (or every candidate is that loaded: moving
-       would throw the cache away for nothing). Else the session moves: `rebind-unavailable` or
-       `rebind-overloaded`.
+       would throw the cache away for nothing), and while the node still holds the conversation:
+       when another candidate (not overloaded) holds at least a quarter of the prompt more than the
+       bound node does (the bound node evicted it, state.cache_model), the session moves there
+       (`rebind-evicted`). Else the session moves: `rebind-unavailable` or `rebind-overloaded`.
     2. Otherwise the candidate with the lowest cost wins, where for a prompt of T blocks
 
            cost = (T - matched) + T * (load * inflight / max_concurrency
-                                       + crowding * max(0, sessions + 1 - cache_slots))
+                                       + crowding * max(0, sessions + 1 - capacity))
                   + spread * sessions
 
-       `matched` is the run of leading blocks the node is known to hold (the prefill it saves),
-       `sessions` the sessions bound to it. Both penalties are in units of the whole prompt: a node
-       running at max_concurrency costs `load` prompts of prefill; every session beyond what its
+       `matched` is the run of leading blocks the node is believed to hold (the prefill it saves),
+       `sessions` the active sessions bound to it (a turn within `session_active_ms`: a finished
+       conversation stops counting long before its binding lapses), `capacity` the entries its cache
+       holds (`cache_slots`, or less where its reports showed fewer). Both penalties are in units of the
+       whole prompt: a node running at max_concurrency costs `load` prompts of prefill; every session beyond what its
        cache holds costs `crowding` prompts, since it will evict someone's conversation; every bound
        session costs `spread` blocks, so a prefix every node could hold (the tools and system prompt)
        does not gather all new sessions on the first node that saw it. Nodes with
@@ -51,7 +55,9 @@ class NodeLoad(msgspec.Struct, frozen=True):
     sessions: int = 0
     """Live session bindings to the node."""
     matched_blocks: int = 0
-    """Leading blocks of this request's prompt the node is known to hold."""
+    """Leading blocks of this request's prompt the node is believed to hold."""
+    capacity: int = 0
+    """Entries the node's cache holds as learned from its reports (0 = the candidate's cache_slots)."""
 
 
 class Choice(msgspec.Struct, frozen=True):
@@ -85,7 +91,8 @@ def is_overloaded(candidate: Candidate, load: NodeLoad, overload_factor: float) 
 
 def cost(candidate: Candidate, load: NodeLoad, total_blocks: int, weights: CostWeights) -> float:
     """The cache-aware cost of sending a prompt of `total_blocks` blocks to a node (module docstring)."""
-    crowd = max(0, load.sessions + 1 - candidate.cache_slots)
+    capacity = load.capacity or candidate.cache_slots
+    crowd = max(0, load.sessions + 1 - capacity)
     max_concurrency = max(1, candidate.max_concurrency)
     return (
         (total_blocks - load.matched_blocks)
@@ -152,10 +159,13 @@ def choose_node(
         bound = next((i for i, c in enumerate(candidates) if c.node_id == binding), None)
         if bound is None:
             reason = "rebind-unavailable"
-        elif not overloaded[bound] or all(overloaded):
-            return choice(bound, "session", bind=True)
-        else:
+        elif overloaded[bound] and not all(overloaded):
             reason = "rebind-overloaded"
+        else:
+            holds = load_of[bound].matched_blocks + max(1, len(request.blocks) // 4)
+            if not any(load_of[i].matched_blocks >= holds and not overloaded[i] for i in range(n)):
+                return choice(bound, "session", bind=True)
+            reason = "rebind-evicted"
     eligible = [i for i in range(n) if not overloaded[i]] or list(range(n))
     total = len(request.blocks)
     w = request.weights
@@ -163,6 +173,8 @@ def choose_node(
         eligible,
         key=lambda i: (cost(candidates[i], load_of[i], total, w), load_of[i].sessions, -ranks[i], i),
     )
+    if reason == "rebind-evicted" and candidates[best].node_id == binding:
+        reason = "session"  # the holder costs more than staying (busy, crowded): stay
     if not reason:
         reason = "prefix" if load_of[best].matched_blocks > 0 else "cold"
     return choice(best, reason, bind=bind)

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from state import keys
+from state.cache_model import CacheCounters
 from state.errors import StateUnavailable
 from state.health import NodeHealth
 from state.policy import rendezvous_rank, tie_key
@@ -54,9 +55,17 @@ SCRIPTS = (
 _health_decoder = msgspec.json.Decoder(NodeHealth)
 
 
+USES_CACHE_MODEL = frozenset({"route", "finish", "forget_prefix"})
+"""Scripts that get state/lua/cache_model.lua (the Lua twin of state.cache_model) prepended."""
+
+
+def _lua(name: str) -> str:
+    return importlib.resources.files("state").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
 def _script_source(name: str) -> str:
-    body = importlib.resources.files("state").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    return keys.lua_prelude() + body
+    model = _lua("cache_model") if name in USES_CACHE_MODEL else ""
+    return keys.lua_prelude() + model + _lua(name)
 
 
 @contextlib.contextmanager
@@ -104,6 +113,9 @@ class RedisStore:
         if not request.candidates:
             raise ValueError("no candidates")
         lease_id = request.lease_id or secrets.token_hex(8)
+        blocks = request.blocks[: self.limits.max_request_blocks]
+        if len(blocks) != len(request.blocks):
+            request = msgspec.structs.replace(request, blocks=blocks)
         key = tie_key(request)
         member = keys.session_member(request.pool, request.session) if request.session else ""
         w = request.weights
@@ -120,6 +132,7 @@ class RedisStore:
             repr(float(w.overload_factor)),
             repr(float(w.spread)),
             repr(float(request.random_pick)),
+            self.limits.session_active_ms,
             len(request.candidates),
         ]
         for c in request.candidates:
@@ -152,8 +165,33 @@ class RedisStore:
                 int(outcome.prompt_tokens),
                 int(outcome.cached_tokens),
                 self.limits.latency_samples,
+                *self._report_args(node, outcome),
             ],
         )
+
+    def _report_args(self, node: str, outcome: Outcome) -> list[str | int]:
+        report = outcome.report
+        if report is None:
+            return [""]
+        learn = outcome.ok and report.reported and report.prompt_tokens > 0
+        if not learn and outcome.ok:
+            return [""]
+        blocks = report.blocks[: self.limits.max_request_blocks]
+        limits = self.limits
+        return [
+            "learn" if learn else "drop",
+            node,
+            report.prompt_bytes,
+            report.prompt_tokens,
+            report.cached_tokens,
+            report.completion_tokens,
+            report.cache_slots,
+            limits.block_size,
+            limits.max_blocks_per_node,
+            limits.prefix_ttl_ms,
+            len(blocks),
+            *blocks,
+        ]
 
     async def renew(self, leases: Sequence[Lease], ttl_ms: int) -> None:
         if not leases:
@@ -187,27 +225,13 @@ class RedisStore:
     async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
         if not blocks:
             return
-        await self._run(
-            "forget_prefix",
-            [keys.node_key(self.prefix, node_id, keys.BLOCKS), *(keys.block_key(self.prefix, b) for b in blocks)],
-            [node_id, *blocks],
-        )
+        await self._run("forget_prefix", [], [node_id, *blocks])
 
     async def unbind(self, pool: str, session: str) -> None:
         await self._run("unbind", [keys.session_key(self.prefix, pool, session)], [keys.session_member(pool, session)])
 
     async def remove_node(self, node_id: str) -> None:
-        await self._run(
-            "remove_node",
-            [
-                *(
-                    keys.node_key(self.prefix, node_id, kind)
-                    for kind in (keys.SESSIONS, keys.BLOCKS, keys.LEASES, keys.STATS, keys.TTFT, keys.TOTAL)
-                ),
-                keys.node_health_key(self.prefix),
-            ],
-            [node_id],
-        )
+        await self._run("remove_node", [keys.node_health_key(self.prefix)], [node_id])
 
     async def health(self) -> dict[str, NodeHealth]:
         with _unavailable("health"):
@@ -242,9 +266,11 @@ class RedisStore:
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
         if not node_ids:
             return []
-        kinds = (keys.LEASES, keys.SESSIONS, keys.STATS, keys.TTFT, keys.TOTAL)
+        kinds = (keys.LEASES, keys.SESSIONS, keys.STATS, keys.TTFT, keys.TOTAL, keys.LRU, keys.CACHE)
         raw = await self._run(
-            "node_views", [keys.node_key(self.prefix, n, kind) for n in node_ids for kind in kinds], []
+            "node_views",
+            [keys.node_key(self.prefix, n, kind) for n in node_ids for kind in kinds],
+            [self.limits.session_ttl_ms - self.limits.session_active_ms],
         )
         return [_node_view(node_id, *row) for node_id, row in zip(node_ids, raw, strict=True)]
 
@@ -283,7 +309,14 @@ class RedisStore:
 
 
 def _node_view(
-    node_id: str, inflight: int, sessions: int, flat: list[str], ttft: list[str], total: list[str]
+    node_id: str,
+    inflight: int,
+    sessions: int,
+    flat: list[str],
+    ttft: list[str],
+    total: list[str],
+    entries: int,
+    cache_flat: list[str],
 ) -> NodeView:
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     error_classes = {
@@ -299,7 +332,9 @@ def _node_view(
         prompt_tokens=int(fields.get(keys.PROMPT_TOKENS, 0)),
         cached_tokens=int(fields.get(keys.CACHED_TOKENS, 0)),
     )
-    return NodeView(node_id=node_id, inflight=int(inflight), sessions=int(sessions), stats=stats)
+    counters = dict(zip(cache_flat[::2], cache_flat[1::2], strict=True))
+    cache = CacheCounters(entries=int(entries), **{name: int(counters.get(name, 0)) for name in keys.CACHE_FIELDS})
+    return NodeView(node_id=node_id, inflight=int(inflight), sessions=int(sessions), stats=stats, cache=cache)
 
 
 def _glob_escape(text: str) -> str:

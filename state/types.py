@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import msgspec
 
+from state.cache_model import CacheCounters, CacheReport
+
 DEFAULT_SESSION_TTL_MS = 1_800_000
 DEFAULT_LEASE_TTL_MS = 60_000
 DEFAULT_PREFIX_TTL_MS = 3_600_000
@@ -114,6 +116,8 @@ class Outcome(msgspec.Struct, frozen=True):
     """connect, timeout, http_5xx, http_4xx, stream_cut, client_cancel, … (empty when ok)."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    report: CacheReport | None = None
+    """The prompt and the node's usage report, for the router's model of its cache (None: nothing to learn)."""
 
 
 class NodeStats(msgspec.Struct, frozen=True):
@@ -138,7 +142,10 @@ class NodeView(msgspec.Struct, frozen=True):
     node_id: str
     inflight: int
     sessions: int
+    """Active sessions bound to the node (a turn within `session_active_ms`)."""
     stats: NodeStats
+    cache: CacheCounters = CacheCounters()
+    """The router's model of the node's cache and how well it matched the node's reports."""
 
 
 class SessionBinding(msgspec.Struct, frozen=True):
@@ -161,9 +168,14 @@ class RoutingLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     """An in-flight lease lapses this long after it was taken or last renewed (renew every third of it)."""
     prefix_ttl_ms: int = DEFAULT_PREFIX_TTL_MS
     """A prefix-index entry (node holds block) lapses when not routed to for this long."""
+    session_active_ms: int = 600_000
+    """A bound session counts against its node's cache (crowding, spread) while its last turn is this recent."""
     max_blocks_per_node: int = 4096
-    """Prefix-index entries kept per node, least recently routed dropped first. Size it to the node's cache:
-    cache_slots x typical prompt blocks (10 x ~400 blocks of 1 KiB for Claude Code)."""
+    """Distinct blocks the model of one node's cache may hold; beyond it the least recently used entries go
+    (entries are also capped by the node's cache_slots)."""
+    max_request_blocks: int = 1024
+    """Blocks one request may read and write (a longer prompt is matched and recorded on its first ones), so
+    one huge prompt costs the routing script a bounded time and cannot crowd out other conversations."""
     block_size: int = DEFAULT_BLOCK_SIZE
     """Bytes of prompt per hashed block (state.prefix.block_hashes)."""
     key_prefix: str = DEFAULT_KEY_PREFIX
@@ -174,7 +186,15 @@ class RoutingLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     """Connect and read timeout for Redis: past it the store raises StateUnavailable (callers route locally)."""
 
     def __post_init__(self) -> None:
-        for name in ("session_ttl_ms", "lease_ttl_ms", "prefix_ttl_ms", "max_blocks_per_node", "block_size"):
+        for name in (
+            "session_ttl_ms",
+            "lease_ttl_ms",
+            "prefix_ttl_ms",
+            "max_blocks_per_node",
+            "block_size",
+            "session_active_ms",
+            "max_request_blocks",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.latency_samples < 1 or self.redis_timeout_ms < 1:

@@ -1,30 +1,32 @@
-"""The simulated node's HTTP face: a plain ASGI app answering like mlx_lm.server.
+"""The simulated node's HTTP face: a plain ASGI app answering like mlx_lm.server 0.32.2.
 
 Routes (matched exactly, query string included, as mlx's `BaseHTTPRequestHandler` does):
 
 - `POST /v1/chat/completions` (and `/chat/completions`), `POST /v1/completions`;
-- `GET /v1/models` (and `/v1/models/<id>`), `GET /health`;
+- `GET /v1/models` (and `/v1/models/<id>`; with `empty_models` the 200 comes with an empty body, as 0.32.2
+  sends when there is no Hugging Face cache folder), `GET /health`;
 - only with `anthropic=True`: `POST /v1/messages` and `/v1/messages/count_tokens` (query ignored) and a
   200 for Claude Code's `HEAD /` probe;
 - `GET /_sim/stats`, `GET|POST /_sim/faults`, `POST /_sim/reset`: the simulator's own controls;
-- any other path: 404 `Not Found`; methods other than GET/POST/OPTIONS: 501.
+- any other path: 404 `Not Found` (plain text under mlx's `Content-type: application/json`); `OPTIONS`:
+  204; `HEAD` and other methods: 501 with `BaseHTTPRequestHandler`'s HTML error page.
 
-Errors as mlx gives them: bad JSON 400 `{"error": ...}`; an unknown `model` and template failures
-(non-text content, tool-call arguments that are not a JSON string) 404 `{"error": ...}` (mlx-lm's
-long-standing answer to any failure in loading or tokenizing; its newest server.py says 500 instead);
-invalid parameters (e.g. negative `max_tokens`, `stream` not a boolean, no `messages`) close the
-connection with no response at all.
+Errors as mlx gives them, `{"error": "..."}` with no `Content-Length` (the body ends when the connection
+closes): no `Content-Length` 411; bad JSON, a body that is not an object, a sampling parameter of the wrong
+type or out of range (`max_tokens` < 1, `stream` not a boolean, ...: `proxy.sim.model.bad_request`), no
+`messages` 400; an unknown `model`, an empty `messages` and template failures (non-text content, tool-call
+arguments that are not a JSON string) 404.
 
 The app is plain ASGI (not wrapped in Starlette's middleware) on purpose: closing a connection with no
-response, or mid-body, needs the server's transport, which uvicorn exposes on its `send` callable. Under
-another server those faults degrade to an exception (usually a 500). Each inference request watches for
-the client going away and cancels its generation then, freeing the slot at once.
+response, or mid-body, needs the server's transport (see `proxy.sim.asgi`). Each inference request watches
+for the client going away and cancels its generation then, freeing the slot at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -39,6 +41,7 @@ from proxy.sim.asgi import (
     ResponseEnded,
     close_transport,
     drop,
+    mlx_headers,
     read_body,
     send_response,
     wait_disconnect,
@@ -47,12 +50,15 @@ from proxy.sim.cache import token_count
 from proxy.sim.config import SimConfig
 from proxy.sim.engine import Finished, Keepalive, SimNode, Started
 from proxy.sim.faults import Faults, RequestFaults
+from proxy.sim.http10 import error_page, error_page_headers
 from proxy.sim.model import (
     Conversation,
+    Segment,
     TemplateError,
+    bad_request,
     chat_conversation,
-    invalid_parameters,
     max_tokens_of,
+    prompt_segments,
     render_prompt,
     stop_words_of,
     text_cells,
@@ -105,7 +111,7 @@ class SimApp:
             elif path == "/v1/messages/count_tokens":
                 await self._count_tokens(receive, send)
             else:
-                await send_response(send, 404, messages.error_body(404, f"no route {path}"))
+                await send_response(send, 404, messages.error_body(404, f"no route {path}"), length=True)
         elif self.config.anthropic and method == "HEAD" and path in ("/", "/api/hello"):
             await send({"type": "http.response.start", "status": 200, "headers": []})  # Claude Code's probe
             await send({"type": "http.response.body", "body": b""})
@@ -124,15 +130,24 @@ class SimApp:
             else:
                 await send_response(send, 404, b"Not Found")
         elif method == "OPTIONS":
-            await send({"type": "http.response.start", "status": 204, "headers": CORS})
+            await send({"type": "http.response.start", "status": 204, "headers": mlx_headers()})
             await send({"type": "http.response.body", "body": b""})
         else:
-            body = f"Unsupported method ({method!r})".encode()
-            await send_response(send, 501, body, b"text/plain; charset=utf-8", cors=False)
+            # BaseHTTPRequestHandler has no do_<METHOD>: send_error(501), no body for HEAD.
+            reason = f"Unsupported method ({method!r})"
+            page = error_page(501, reason)
+            headers = error_page_headers(page)
+            await send({"type": "http.response.start", "status": 501, "reason": reason, "headers": headers})
+            await send({"type": "http.response.body", "body": b"" if method == "HEAD" else page})
 
     # --- plain endpoints -------------------------------------------------------------------------------------
 
     async def _models(self, full: str, send: Send) -> None:
+        if self.config.empty_models:
+            # mlx-lm 0.32.2 without ~/.cache/huggingface/hub: the 200 headers go out, then scanning the cache
+            # raises and the connection closes with no body.
+            await send_response(send, 200, b"")
+            return
         wanted = full[len("/v1/models/") :] if full.startswith("/v1/models/") else None
         model = {"id": self.config.model, "object": "model", "created": int(time.time())}
         data = [model] if wanted in (None, "", self.config.model) else []
@@ -146,9 +161,9 @@ class SimApp:
                 raise TemplateError("the body must be a JSON object")
             tokens = token_count(render_prompt(messages.messages_conversation(body)))
         except (msgspec.DecodeError, TemplateError) as exc:
-            await send_response(send, 400, messages.error_body(400, str(exc)))
+            await send_response(send, 400, messages.error_body(400, str(exc)), length=True)
             return
-        await send_response(send, 200, msgspec.json.encode({"input_tokens": tokens}))
+        await send_response(send, 200, msgspec.json.encode({"input_tokens": tokens}), length=True)
 
     async def _health(self, send: Send) -> None:
         status = self.node.faults.current.health_status
@@ -158,24 +173,24 @@ class SimApp:
     async def _control(self, method: str, path: str, receive: Receive, send: Send) -> None:
         node = self.node
         if path == "/_sim/stats" and method == "GET":
-            await send_response(send, 200, msgspec.json.encode(node.view()))
+            await send_response(send, 200, msgspec.json.encode(node.view()), length=True)
         elif path == "/_sim/faults" and method == "GET":
-            await send_response(send, 200, msgspec.json.encode(node.faults.current))
+            await send_response(send, 200, msgspec.json.encode(node.faults.current), length=True)
         elif path == "/_sim/faults" and method == "POST":
             raw = await read_body(receive)
             try:
                 faults = msgspec.json.decode(raw or b"{}", type=Faults)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-                await send_response(send, 400, msgspec.json.encode({"error": str(exc)}))
+                await send_response(send, 400, msgspec.json.encode({"error": str(exc)}), length=True)
                 return
             node.faults.set(faults)
-            await send_response(send, 200, msgspec.json.encode(faults))
+            await send_response(send, 200, msgspec.json.encode(faults), length=True)
         elif path == "/_sim/reset" and method == "POST":
             await read_body(receive)
             node.reset()
-            await send_response(send, 200, b'{"status": "reset"}')
+            await send_response(send, 200, b'{"status": "reset"}', length=True)
         else:
-            await send_response(send, 404, b"Not Found")
+            await send_response(send, 404, b"Not Found", length=True)
 
     # --- inference ----------------------------------------------------------------------------------------------
 
@@ -185,6 +200,10 @@ class SimApp:
         node.stats.requests += 1
         conversation = _conversation(scope)
         try:
+            if kind != "messages" and (problem := _length_problem(scope)) is not None:
+                await read_body(receive)
+                await self._error(send, kind, *problem)
+                return
             raw = await read_body(receive)
             if raw is None:
                 node.stats.disconnects += 1
@@ -218,14 +237,16 @@ class SimApp:
                 pass
             except ResponseEnded:
                 stats.errors += 1
-            except DropConnection:
+            except DropConnection as exc:
                 stats.errors += 1
-                await drop(send, receive)
+                await drop(send, receive, reset=exc.reset)
 
     async def _error(self, send: Send, kind: str, status: int, message: str) -> None:
         self.node.stats.errors += 1
-        body = messages.error_body(status, message) if kind == "messages" else msgspec.json.encode({"error": message})
-        await send_response(send, status, body)
+        if kind == "messages":
+            await send_response(send, status, messages.error_body(status, message), length=True)
+        else:
+            await send_response(send, status, json.dumps({"error": message}).encode())
 
     async def _serve(self, kind: str, raw: bytes, faults: RequestFaults, conversation: str | None, send: Send) -> None:
         """Everything after the body was read; runs as a task that is cancelled if the client leaves."""
@@ -242,14 +263,15 @@ class SimApp:
                 await self.node.faults.changed()
         try:
             body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            await self._error(send, kind, 400, f"Invalid JSON in request body: {exc}")
+        except msgspec.DecodeError:
+            await self._error(send, kind, 400, f"Invalid JSON in request body: {_json_error(raw)}")
             return
         if kind == "messages":
             await self._serve_messages(body, faults, conversation, send)
             return
-        if invalid_parameters(body, chat=kind == "chat") is not None:
-            raise DropConnection  # mlx raises before answering; the client sees the connection close
+        if (problem := bad_request(body, chat=kind == "chat")) is not None:
+            await self._error(send, kind, 400, problem)
+            return
         requested = body.get("model", "default_model")
         if requested not in ("default_model", self.config.model):
             message = f"Failed to load model {requested!r}: this sim node serves only {self.config.model!r}"
@@ -259,9 +281,13 @@ class SimApp:
             if kind == "chat":
                 conv = chat_conversation(body)
                 prompt = render_prompt(conv)
+                segments = prompt_segments(conv, prompt)
             else:
+                if not isinstance(body["prompt"], str):
+                    raise TemplateError(f"the prompt must be a string, not {type(body['prompt']).__name__}")
                 conv = Conversation((), (), ())
-                prompt = text_cells(str(body["prompt"]))
+                prompt = text_cells(body["prompt"])
+                segments = prompt_segments(None, prompt)
         except TemplateError as exc:
             await self._error(send, kind, 404, str(exc))
             return
@@ -270,7 +296,7 @@ class SimApp:
             model=requested, stream=stream, text=kind == "text", stream_options=body.get("stream_options")
         )
         plan = self._planner(conv, max_tokens_of(body), stop_words_of(body))
-        await self._run(responder, prompt, plan, faults, conversation, send)
+        await self._run(responder, prompt, segments, plan, faults, conversation, send)
 
     async def _serve_messages(self, body: Any, faults: RequestFaults, conversation: str | None, send: Send) -> None:
         self.node.stats.messages_requests += 1
@@ -287,7 +313,8 @@ class SimApp:
             model=str(body.get("model", self.config.model)), stream=bool(body.get("stream"))
         )
         plan = self._planner(conv, int(body["max_tokens"]), stop)
-        await self._run(responder, render_prompt(conv), plan, faults, conversation, send)
+        prompt = render_prompt(conv)
+        await self._run(responder, prompt, prompt_segments(conv, prompt), plan, faults, conversation, send)
 
     def _planner(self, conv: Conversation, max_tokens: int, stop: list[str]) -> Planner:
         config = self.config
@@ -309,6 +336,7 @@ class SimApp:
         self,
         responder: Responder,
         prompt: bytes,
+        segments: list[Segment],
         make_plan: Planner,
         faults: RequestFaults,
         conversation: str | None,
@@ -324,11 +352,11 @@ class SimApp:
                     if faults.cut_mode == "eof":
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                         raise ResponseEnded
-                    raise DropConnection
+                    raise DropConnection(reset=True)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sent += 1
 
-        events = self.node.generate(prompt, make_plan, conversation)
+        events = self.node.generate(prompt, make_plan, conversation, segments)
         try:
             async for ev in events:
                 if isinstance(ev, Piece):
@@ -345,8 +373,8 @@ class SimApp:
                         await send({"type": "http.response.body", "body": responder.keepalive(ev), "more_body": True})
                 elif isinstance(ev, Started):
                     if responder.stream:
-                        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-                        await send({"type": "http.response.start", "status": 200, "headers": headers + CORS})
+                        headers = [(b"Content-type", b"text/event-stream"), (b"Cache-Control", b"no-cache"), *CORS]
+                        await send({"type": "http.response.start", "status": 200, "headers": headers})
                         if faults.garbage:
                             await send({"type": "http.response.body", "body": responder.garbage(), "more_body": True})
                         await emit(responder.started(ev))
@@ -355,7 +383,7 @@ class SimApp:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 else:
                     body = responder.garbage() if faults.garbage else responder.body(ev)
-                    await send_response(send, 200, body)
+                    await send_response(send, 200, body, length=True)
         finally:
             await events.aclose()
 
@@ -379,7 +407,7 @@ def build_sim_app(config: SimConfig) -> SimApp:
         for s in servers:
             s.should_exit = True
 
-    (Plain `uvicorn.Server`s each install signal handlers; several in one loop stop one by one.)
+    (Servers made with `capture_signals=True` each install signal handlers; several in one loop stop one by one.)
     """
     return SimApp(config)
 
@@ -392,3 +420,22 @@ def _conversation(scope: Scope) -> str | None:
         if name in found:
             return found[name].decode(errors="replace")
     return None
+
+
+def _length_problem(scope: Scope) -> tuple[int, str] | None:
+    """mlx reads exactly Content-Length bytes: without the header it answers 411, with a bad one 400."""
+    length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if length is None:
+        return 411, "Content-Length header is required"
+    if not length.strip().isdigit():
+        return 400, "Invalid Content-Length header"
+    return None
+
+
+def _json_error(raw: bytes) -> str:
+    """Python's json error message for a body msgspec could not parse (mlx uses `json.loads`)."""
+    try:
+        json.loads(raw.decode(errors="replace"))
+    except ValueError as exc:
+        return str(exc)
+    return "not valid JSON"

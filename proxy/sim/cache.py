@@ -1,38 +1,47 @@
-"""The simulated node's prompt cache: an LRU of token sequences matched by prefix, as mlx_lm.server keeps one.
+"""The simulated node's prompt cache: mlx_lm.server's `LRUPromptCache` rules over token sequences.
 
 Tokens here are 4-byte cells (see `proxy.sim.model`), so a token sequence is a `bytes` object whose length is
 a multiple of `TOKEN_BYTES`, and prefixes are compared with byte slices (memcmp), never with Python lists.
 
-What mlx_lm.server does, and this class reproduces (its `LRUPromptCache`):
+The rules (mlx-lm 0.32.2, `mlx_lm/models/cache.py`, read and measured against the real server):
 
-- Lookup (`fetch`) for a prompt P, in this order:
-  1. exact: an entry equal to P is taken out of the cache; all of P is cached.
-  2. shorter: the longest entry (of at least two tokens) that is a prefix of P is taken out of the cache;
-     its length is cached. This is the normal multi-turn case, so *extending a conversation replaces its
-     entry*: the old entry leaves, and the longer one is stored when the request ends.
-  3. longer: otherwise, if some entry shares a prefix with P, a copy of the entry is trimmed to the common
-     prefix: `min(len(P) - 1, common)` tokens are cached. The entry stays where it is in the LRU order
-     (the lookup does not refresh it).
-- Taking out an entry that was stored several times (same tokens inserted twice) only decrements its count.
-- After each request, prompt + generated tokens are stored (`insert`): an existing identical entry gets its
-  count raised and moves to the most recent end; otherwise a new entry is added and, past capacity, the
-  least recently used one is evicted.
+- Lookup (`fetch`) for a prompt P never removes an entry and never changes the LRU order; the node works on a
+  copy. Let `deepest` be the longest common prefix of P with any stored entry and `shorter` the longest stored
+  entry (of at least two tokens) that is a prefix of P:
+  1. an entry equal to P: `len(P) - 1` tokens are reused (the last one is computed again for its logits);
+  2. if `deepest` is longer than `shorter`, a longer entry is copied and trimmed to the common prefix:
+     `min(len(P) - 1, deepest)` tokens. This is the usual case for the next turn of a conversation, whose
+     entry is prompt + reply: an identical repeat reuses `len(P) - 1`;
+  3. else `shorter`, if any, is reused whole; else nothing.
+- Insert (`insert`, after each request and at checkpoints during prefill) stores a sequence with a kind
+  ("assistant": prompt + generated tokens; "user" and "system": checkpoints at the ends of prompt segments),
+  deletes every stored entry that is a strict prefix of it (so a text conversation keeps one entry that grows),
+  re-inserting an identical sequence refreshes it; then, past capacity, one entry is evicted.
+- Eviction: the oldest entry of the first kind, in the order assistant, user, system, that holds at least as
+  many entries as the next kind (so assistant entries go first unless checkpoints outnumber them).
+
+Capacity counts entries, not conversations (`--prompt-cache-size`, default 10); `--prompt-cache-bytes` is not
+modelled.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from itertools import pairwise
+from typing import Literal
 
 import msgspec
 
 TOKEN_BYTES = 4
+
+EntryKind = Literal["assistant", "user", "system"]
+EVICTION_ORDER: tuple[EntryKind, ...] = ("assistant", "user", "system")
 
 
 class CacheEntry(msgspec.Struct, frozen=True):
     """One stored token sequence, as `/_sim/stats` shows it."""
 
     tokens: int
-    count: int
+    kind: str
 
 
 def token_count(cells: bytes) -> int:
@@ -63,61 +72,62 @@ def common_prefix_tokens(a: bytes, b: bytes) -> int:
 
 
 def is_token_prefix(prefix: bytes, tokens: bytes) -> bool:
-    """Whether `prefix` is a whole-token prefix of `tokens`."""
+    """Whether `prefix` is a whole-token prefix of `tokens` (or equal to it)."""
     if len(prefix) > len(tokens) or not tokens.startswith(prefix):
         return False
     return len(prefix) % TOKEN_BYTES == 0 or len(prefix) == len(tokens)
 
 
 class PromptCache:
-    """LRU prompt cache with mlx_lm.server's lookup and insert rules (see the module docstring)."""
+    """LRU prompt cache with mlx_lm.server's lookup, insert and eviction rules (see the module docstring)."""
 
     def __init__(self, capacity: int = 10) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[bytes, int] = OrderedDict()  # tokens -> count, least recent first
+        self._entries: dict[bytes, EntryKind] = {}  # tokens -> kind, least recently inserted first
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def entries(self) -> list[CacheEntry]:
-        """Stored sequences, least recently used first."""
-        return [CacheEntry(token_count(k), c) for k, c in self._entries.items()]
+        """Stored sequences, least recently inserted first."""
+        return [CacheEntry(token_count(k), kind) for k, kind in self._entries.items()]
 
     def clear(self) -> None:
         self._entries.clear()
 
     def fetch(self, prompt: bytes) -> int:
-        """Look `prompt` up and return how many of its tokens come from the cache (0 when none)."""
+        """How many of `prompt`'s tokens the node reuses from its cache (0 when none). Changes nothing."""
+        n = token_count(prompt)
         if prompt in self._entries:
-            self._take(prompt)
-            return token_count(prompt)
-        shorter = b""
+            return max(n - 1, 0)
+        deepest = 0
+        shorter = 0
         for key in self._entries:
-            if len(key) > len(shorter) and token_count(key) >= 2 and is_token_prefix(key, prompt):
-                shorter = key
-        if shorter:
-            self._take(shorter)
-            return token_count(shorter)
-        best = 0
-        for key in self._entries:
-            best = max(best, common_prefix_tokens(key, prompt))
-        if best == 0:
-            return 0
-        return min(token_count(prompt) - 1, best)
+            common = common_prefix_tokens(key, prompt)
+            deepest = max(deepest, common)
+            if common == token_count(key) >= 2:  # a stored prefix of the prompt
+                shorter = max(shorter, common)
+        if deepest > shorter:
+            return min(n - 1, deepest)
+        return shorter
 
-    def insert(self, tokens: bytes) -> None:
-        """Store prompt + generated tokens after a request."""
-        if tokens in self._entries:
-            self._entries[tokens] += 1
-            self._entries.move_to_end(tokens)
-        else:
-            self._entries[tokens] = 1
-        if len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def _take(self, key: bytes) -> None:
-        count = self._entries[key]
-        if count == 1:
+    def insert(self, tokens: bytes, kind: EntryKind = "assistant") -> None:
+        """Store `tokens` (prompt + generated, or a prefill checkpoint) and drop the entries it extends."""
+        self._entries.pop(tokens, None)
+        self._entries[tokens] = kind
+        for key in [k for k in self._entries if len(k) < len(tokens) and is_token_prefix(k, tokens)]:
             del self._entries[key]
-        else:
-            self._entries[key] = count - 1
+        if len(self._entries) > self.capacity:
+            self._evict()
+
+    def _evict(self) -> None:
+        counts = {k: 0 for k in EVICTION_ORDER}
+        for kind in self._entries.values():
+            counts[kind] += 1
+        victim_kind = EVICTION_ORDER[-1]
+        for this, after in pairwise(EVICTION_ORDER):
+            if counts[this] and counts[this] >= counts[after]:
+                victim_kind = this
+                break
+        victim = next(k for k, kind in self._entries.items() if kind == victim_kind)
+        del self._entries[victim]

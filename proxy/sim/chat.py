@@ -70,9 +70,22 @@ class ChatResponder:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
         if self.text:
             choice["text"] = content
+        elif self.stream:
+            delta: dict[str, Any] = {"role": "assistant"}
+            if content:
+                delta["content"] = content
+            if reasoning:
+                delta["reasoning"] = reasoning
+            if calls:
+                delta["tool_calls"] = calls
+            choice["delta"] = delta
         else:
-            key = "delta" if self.stream else "message"
-            choice[key] = {"role": "assistant", "content": content, "reasoning": reasoning, "tool_calls": calls}
+            message: dict[str, Any] = {"role": "assistant", "content": content or None}
+            if reasoning:
+                message["reasoning"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+            choice["message"] = message
         return {
             "id": self.id,
             "system_fingerprint": SYSTEM_FINGERPRINT,
@@ -116,7 +129,7 @@ class ChatResponder:
         opts = self.stream_options
         if opts is not None:
             if not isinstance(opts, dict) or "include_usage" not in opts:
-                return out
+                return out  # mlx raises here (KeyError / TypeError): no usage, no [DONE]
             if opts["include_usage"]:
                 out.append(
                     sse(

@@ -5,7 +5,8 @@ Use it to try mlxmux without a Mac, in tests, and in benchmarks of cache-affinit
     mlxmux sim-node --port 8081 --id mac-1
     mlxmux sim-node --port 8082 --id mac-2 --prefill-tps 1000 --fail-status 503 --fail-rate 0.2
 
-See `proxy.sim.config.SimConfig` for what each setting means and `proxy.sim.faults` for the faults.
+See `proxy.sim.config.SimConfig` for what each setting means, `proxy.sim.faults` for the faults and
+docs/simulator.md for how the sim compares with the real mlx_lm.server.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uvicorn
 from proxy.sim.app import build_sim_app
 from proxy.sim.config import DEFAULT_MODEL, SimConfig
 from proxy.sim.faults import Faults
+from proxy.sim.http10 import Http10Server
 
 __all__ = ["SimConfig", "build_sim_app", "main", "make_server", "serve_many"]
 
@@ -43,12 +45,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=4, help="concurrent generations; more wait (default 4)")
     p.add_argument("--reasoning", action="store_true", help="emit delta.reasoning before the answer")
     p.add_argument("--anthropic", action="store_true", help="also serve POST /v1/messages natively")
+    p.add_argument(
+        "--http",
+        choices=["1.0", "1.1"],
+        default="1.0",
+        help="1.0: like mlx_lm.server, close every connection, streams end at close (default); 1.1: uvicorn",
+    )
+    p.add_argument(
+        "--close-delay-ms", type=float, default=5.0, help="HTTP/1.0: close this long after a response (default 5)"
+    )
+    p.add_argument(
+        "--empty-models", action="store_true", help="GET /v1/models: 200 with an empty body (mlx 0.32.2, no HF cache)"
+    )
     f = p.add_argument_group("faults (also settable at runtime: POST /_sim/faults)")
     f.add_argument("--fail-status", type=int, default=0, help="answer requests with this HTTP status")
     f.add_argument("--fail-rate", type=float, default=1.0, help="fraction of requests that fail (default 1)")
     f.add_argument("--hang", action="store_true", help="never answer (until faults change or the client leaves)")
     f.add_argument("--cut-after", type=int, default=None, help="stream N chunks, then stop without [DONE]")
-    f.add_argument("--cut-mode", choices=["drop", "eof"], default="drop", help="how a cut stream ends")
+    f.add_argument(
+        "--cut-mode",
+        choices=["drop", "eof"],
+        default="drop",
+        help="how a cut stream ends: drop = connection reset; eof = clean close, as mlx on an error (default drop)",
+    )
     f.add_argument("--close", action="store_true", help="close connections without any response")
     f.add_argument("--slow-first-byte-ms", type=float, default=0.0, help="delay before answering")
     f.add_argument("--garbage", action="store_true", help="send a non-JSON data: line")
@@ -84,6 +103,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         parallel=args.parallel,
         reasoning=args.reasoning,
         anthropic=args.anthropic,
+        http=args.http,
+        close_delay_ms=args.close_delay_ms,
+        empty_models=args.empty_models,
         faults=faults,
     )
 
@@ -96,16 +118,23 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-def make_server(config: SimConfig, *, capture_signals: bool = True) -> uvicorn.Server:
-    """A uvicorn server for one sim node, not started: `await server.serve()`, stop with `should_exit = True`.
+def make_server(config: SimConfig, *, capture_signals: bool = True) -> Http10Server | uvicorn.Server:
+    """A server for one sim node, not started: `await server.serve()`, stop with `should_exit = True`.
 
-    With `capture_signals=False` the server does not install SIGINT/SIGTERM handlers, so several servers
-    (and a gateway) can share one event loop under one owner's signal handling.
+    `config.http` "1.0" (default) gives a `proxy.sim.http10.Http10Server` (mlx_lm.server's wire manners),
+    "1.1" a uvicorn server; both have `serve()`, `run()`, `started` and `should_exit`. With
+    `capture_signals=False` the server does not install SIGINT/SIGTERM handlers, so several servers (and a
+    gateway) can share one event loop under one owner's signal handling.
     """
+    app = build_sim_app(config)
+    if config.http == "1.0":
+        return Http10Server(
+            app, config.host, config.port, close_delay_s=config.close_delay_ms / 1000, capture_signals=capture_signals
+        )
     cls = uvicorn.Server if capture_signals else _QuietServer
     return cls(
         uvicorn.Config(
-            build_sim_app(config),
+            app,
             host=config.host,
             port=config.port,
             loop="auto",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from proxy.sim.faults import Faults
@@ -21,6 +23,12 @@ class SimConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     - `parallel`: generations at once; more requests wait for a slot.
     - `reasoning`: emit `delta.reasoning` before the answer.
     - `anthropic`: also serve `POST /v1/messages` natively.
+    - `http`: "1.0" (default) speaks like mlx_lm.server's `BaseHTTPRequestHandler`: an `HTTP/1.0` status
+      line, one request per connection, bodies without a length end when the server closes
+      (`proxy.sim.http10`); "1.1" serves the same app with uvicorn (keep-alive, chunked streams).
+    - `close_delay_ms`: with HTTP/1.0, how long after a response's last byte the connection is closed.
+    - `empty_models`: `GET /v1/models` answers 200 with an empty body (mlx-lm 0.32.2 without a Hugging Face
+      cache folder).
     - `faults`: initial faults (see `proxy.sim.faults.Faults`).
     """
 
@@ -36,9 +44,14 @@ class SimConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     parallel: int = 4
     reasoning: bool = False
     anthropic: bool = False
+    http: Literal["1.0", "1.1"] = "1.0"
+    close_delay_ms: float = 5.0
+    empty_models: bool = False
     faults: Faults = msgspec.field(default_factory=Faults)
 
     def __post_init__(self) -> None:
+        if self.close_delay_ms < 0:
+            raise ValueError("close_delay_ms must be >= 0")
         if self.prompt_cache_size < 0:
             raise ValueError("prompt_cache_size must be >= 0")
         if self.prefill_tps < 0 or self.token_delay_ms < 0:

@@ -1,10 +1,19 @@
 """The simulated node's engine: slots, prompt cache, timing and counters, independent of HTTP.
 
-`SimNode.generate` is an async generator of events for one request: `Started` once a slot is free and the
-cache was consulted, `Keepalive` per prefill step (mlx's `: keepalive N/M` progress, N of M uncached
-tokens), a `Piece` per generated token, and `Finished`. Cancelling the consumer (the client went away)
-stops the generation and frees the slot at once; prompt + the tokens generated so far are stored in the
-cache either way, as mlx does when a generation ends early.
+`SimNode.generate` is an async generator of events for one request, in mlx_lm.server's order:
+
+- `Started` at once: the cache was consulted when the request arrived (mlx fetches from its cache when it
+  admits a request into its batch, before the request gets its turn), so response headers go out at once;
+- then the request waits for one of `parallel` slots;
+- `Keepalive` after each prefill step (mlx's `: keepalive N/M`, N of the M uncached tokens): steps of
+  `prefill_step_size` tokens that never cross a segment end (`proxy.sim.model.prompt_segments`); the last
+  prompt token is held back and reported alone (M/M), as mlx's batch generator does. At the end of each
+  segment but that last token, the cache gets a checkpoint of the prompt so far ("system", "user" or
+  "assistant", the segment's kind);
+- a `Piece` per generated token, then `Finished`; prompt + generated tokens are stored just before it.
+
+Cancelling the consumer (the client went away) stops the generation and frees the slot at once. Like mlx's
+batched path, nothing more is stored then: only the checkpoints already saved stay.
 """
 
 from __future__ import annotations
@@ -16,9 +25,10 @@ from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 
-from proxy.sim.cache import TOKEN_BYTES, CacheEntry, PromptCache, token_count
+from proxy.sim.cache import TOKEN_BYTES, CacheEntry, EntryKind, PromptCache, token_count
 from proxy.sim.config import SimConfig
 from proxy.sim.faults import Faults, FaultState
+from proxy.sim.model import Segment
 from proxy.sim.script import Piece, TokenPlan
 
 
@@ -153,42 +163,42 @@ class SimNode:
         prompt: bytes,
         make_plan: Callable[[int, int], TokenPlan],
         conversation: str | None = None,
+        segments: list[Segment] | None = None,
     ) -> AsyncGenerator[Event, None]:
-        """Run one generation: wait for a slot, consult the cache, prefill, decode.
+        """Run one generation: consult the cache, wait for a slot, prefill, decode.
 
-        `make_plan(prompt_tokens, cached_tokens)` decides the reply once the cache was consulted.
+        `make_plan(prompt_tokens, cached_tokens)` decides the reply once the cache was consulted; `segments`
+        (default: the whole prompt as one "assistant" segment) say where prefill saves checkpoints.
         Close the iterator (`aclosing`) when done with it, so an abandoned generation frees its slot.
         """
+        prompt_tokens = token_count(prompt)
+        cached = self.cache.fetch(prompt)
+        self._count_prompt(conversation, prompt_tokens, cached)
+        yield Started(prompt_tokens, cached)
         self.queued += 1
         try:
             await self._slots.acquire()
         finally:
             self.queued -= 1
         self.generating += 1
-        prompt_tokens = token_count(prompt)
-        processed = 0  # prompt tokens in the KV cache so far
-        plan: TokenPlan | None = None
-        generated = 0
         try:
-            cached = processed = self.cache.fetch(prompt)
-            self._count_prompt(conversation, prompt_tokens, cached)
-            yield Started(prompt_tokens, cached)
             rest = prompt_tokens - cached
             tps = self.config.prefill_tps
             start = time.monotonic()
-            for done in _prefill_steps(rest, self.config.prefill_step_size):
-                if done:
-                    await _sleep_until(start + done / tps if tps > 0 else 0.0, 0)
-                processed = cached + done
+            points = prefill_points(segments or [("assistant", prompt_tokens)], cached, self.config.prefill_step_size)
+            for done, checkpoint in points:
+                await _sleep_until(start + done / tps if tps > 0 else 0.0, 0)
+                if checkpoint is not None:
+                    kind, end = checkpoint
+                    self.cache.insert(prompt[: end * TOKEN_BYTES], kind)
                 yield Keepalive(done, rest)
-            processed = prompt_tokens
             plan = make_plan(prompt_tokens, cached)
             delay = self.config.token_delay_ms / 1000
             start = time.monotonic()
-            for piece in plan.pieces:
+            for generated, piece in enumerate(plan.pieces):
                 await _sleep_until(start + (generated + 1) * delay, generated)
-                generated += 1
                 yield piece
+            self.cache.insert(prompt + plan.cells, "assistant")
             s = self.stats
             s.completed += 1
             s.completion_tokens += plan.completion_tokens
@@ -197,10 +207,6 @@ class SimNode:
             )
             yield Finished(plan.finish_reason, prompt_tokens, cached, plan.completion_tokens, plan.stop_sequence)
         finally:
-            # Like mlx, keep what was computed (prompt + generated tokens), even when the request ended early.
-            if processed:
-                tail = plan.cells[: generated * TOKEN_BYTES] if plan is not None else b""
-                self.cache.insert(prompt[: processed * TOKEN_BYTES] + tail)
             self.generating -= 1
             self._slots.release()
 
@@ -219,11 +225,26 @@ class SimNode:
         conv.cached_tokens += cached
 
 
-def _prefill_steps(rest: int, step: int) -> list[int]:
-    """Progress points of a prefill of `rest` tokens, as mlx reports them: 0, each step, then all."""
-    if rest <= 0:
+def prefill_points(segments: list[Segment], cached: int, step: int) -> list[tuple[int, tuple[EntryKind, int] | None]]:
+    """mlx_lm.server's prefill progress for a prompt cut into `segments` of which `cached` tokens are reused.
+
+    One point per step: (uncached tokens processed so far, the checkpoint saved after this step or None).
+    Steps hold at most `step` tokens and end at segment ends; the prompt's last token is held back and
+    reported alone at the end, without a checkpoint.
+    """
+    if not segments:
         return []
-    return [0, *range(step, rest, step), rest]
+    total = segments[-1][1]
+    points: list[tuple[int, tuple[EntryKind, int] | None]] = []
+    pos = cached
+    for kind, end in segments:
+        end = min(end, total - 1)
+        while pos < end:
+            pos = min(pos + step, end)
+            points.append((pos - cached, (kind, end) if pos == end else None))
+    if total > cached:
+        points.append((total - cached, None))
+    return points
 
 
 async def _sleep_until(deadline: float, i: int) -> None:

@@ -5,11 +5,12 @@ Each fault mimics something a real mlx_lm.server (or the network in front of it)
 - `fail_status`: answer with that HTTP status and an mlx-like `{"error": "..."}` body (a fraction
   `fail_rate` of requests, spread evenly and deterministically: 0.5 fails every second request);
 - `hang`: read the request and never answer, until the faults change or the client goes away;
-- `cut_after`: stream that many `data:` chunks, then stop without `[DONE]` (mlx's behaviour when
-  generation fails mid-stream). `cut_mode` "drop" closes the TCP connection mid-body (the client sees a
-  broken chunked body); "eof" ends the body cleanly (what a client of mlx's HTTP/1.0 server sees).
-  A non-streaming request is closed with no response at all;
-- `close`: close the connection without any response (mlx on some invalid parameters);
+- `cut_after`: stream that many `data:` chunks, then stop without `[DONE]`. `cut_mode` "eof" ends the body
+  cleanly: over HTTP/1.0 the connection just closes, exactly what mlx_lm.server does when generation fails
+  mid-stream; "drop" aborts the connection with a TCP reset (a node or network that breaks; over the sim's
+  `--http 1.1` the client sees a broken chunked body). A non-streaming request is closed with no response;
+- `close`: close the connection without any response (mlx when generation fails before a non-streaming
+  answer, e.g. its generation thread died);
 - `slow_first_byte_ms`: wait that long before anything else;
 - `garbage`: send a non-JSON `data:` line first (non-streaming: a non-JSON 200 body);
 - `health_status`: what `GET /health` answers.

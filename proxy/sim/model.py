@@ -7,10 +7,21 @@ prefix caching compares bytes.
 
 The template is deterministic and shaped like a real one (Qwen-style): a system block holding the tools'
 JSON first, then the leading system message; then every message between role markers; then the
-generation prompt. The assistant turn the node generates (`generated_cells`) is byte-identical to how the
-next request renders that assistant message, so turn N+1's prompt starts with turn N's prompt plus the
-node's reply, exactly what makes mlx_lm.server's prompt cache pay off across turns. As on Qwen3, reasoning
-from earlier turns is not rendered back, so a reasoning reply is only cached up to its prompt.
+generation prompt. A text reply the node generates (`generated_cells`) is byte-identical to how the next
+request renders that assistant message, so turn N+1's prompt starts with turn N's prompt plus the node's
+reply, which is what makes mlx_lm.server's prompt cache pay off across turns.
+
+Two things re-render differently, as on the real server with Qwen3-Coder's template:
+
+- an assistant message with text *and* tool calls: the template puts a separator (`TOOL_SEP`, Qwen's extra
+  newline) between the text and the first call, which the model did not generate. The next prompt then
+  leaves the previous entry just after the reply's text: that entry is not a prefix of the new one and stays
+  in the cache (a tool-using conversation holds an extra, dead entry per such turn until the LRU drops it);
+- reasoning from earlier turns is not rendered back (Qwen3), so a reasoning reply is only cached up to its
+  prompt.
+
+`prompt_segments` cuts a prompt the way mlx_lm.server does before prefill (system part, the rest), which
+decides where it saves checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from proxy.sim.cache import TOKEN_BYTES
+from proxy.sim.cache import TOKEN_BYTES, EntryKind, common_prefix_tokens, token_count
 
 IM_START = b"\xffIMS"
 IM_END = b"\xffIME"
@@ -28,6 +39,8 @@ THINK_START = b"\xffTHS"
 THINK_END = b"\xffTHE"
 TOOL_START = b"\xffTCS"
 TOOL_END = b"\xffTCE"
+# What the template writes between an assistant message's text and its first tool call (the model does not).
+TOOL_SEP = b"\n\0\0\0"
 
 _sorted_json = msgspec.json.Encoder(order="sorted")
 
@@ -78,8 +91,8 @@ def tool_call_cells(call: ToolCall) -> bytes:
     return TOOL_START + text_cells(body) + TOOL_END
 
 
-def render_prompt(conv: Conversation) -> bytes:
-    """Render a conversation into prompt token cells, ending with the generation prompt."""
+def render_prompt(conv: Conversation, *, add_generation_prompt: bool = True) -> bytes:
+    """Render a conversation into prompt token cells, ending with the generation prompt unless told not to."""
     out: list[bytes] = []
     messages: Sequence[Message] = conv.messages
     system_text: str | None = None
@@ -96,10 +109,46 @@ def render_prompt(conv: Conversation) -> bytes:
         out += [IM_END, text_cells("\n")]
     for m in messages:
         out += [IM_START, text_cells(m.role + "\n"), text_cells(m.content)]
+        if m.tool_calls and m.content:
+            out.append(TOOL_SEP)
         out += [tool_call_cells(c) for c in m.tool_calls]
         out += [IM_END, text_cells("\n")]
-    out += [IM_START, text_cells("assistant\n")]
+    if add_generation_prompt:
+        out += [IM_START, text_cells("assistant\n")]
     return b"".join(out)
+
+
+Segment = tuple[EntryKind, int]
+
+
+def prompt_segments(conv: Conversation | None, prompt: bytes) -> list[Segment]:
+    """How mlx_lm.server cuts a prompt for prefill: (kind, end token) per segment, ends increasing.
+
+    A chat prompt whose last message is a user message is cut where the leading system messages end (found,
+    as mlx does, by rendering them with an empty user message and comparing; no cut when that render is a
+    prefix of the prompt) into a "system" and a "user" segment; any other prompt (a tool result last, a text
+    completion) is one "assistant" segment. The node saves a checkpoint of the cache at the end of every
+    segment but the last token of the prompt (see `proxy.sim.engine`).
+    """
+    n = token_count(prompt)
+    if conv is None or not conv.messages or conv.messages[-1].role != "user":
+        return [("assistant", n)]
+    messages = conv.messages
+    leading = 0
+    while leading < len(messages) and messages[leading].role == "system":
+        leading += 1
+    segments: list[Segment] = []
+    sys_end = 0
+    if leading:
+        head = Conversation(conv.tools, conv.tool_names, (*messages[:leading], Message("user", "")))
+        rendered = render_prompt(head, add_generation_prompt=False)
+        common = common_prefix_tokens(rendered, prompt)
+        sys_end = common if common < min(token_count(rendered), n) else 0
+        if 0 < sys_end < n:
+            segments.append(("system", sys_end))
+    if sys_end < n:
+        segments.append(("user", n))
+    return segments
 
 
 def generated_cells(reasoning: str, content: str, tool_calls: Iterable[ToolCall]) -> list[tuple[SegmentKind, bytes]]:
@@ -174,6 +223,8 @@ def _tool_defs(raw: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def chat_conversation(body: dict[str, Any]) -> Conversation:
     """Parse an OpenAI chat completions body (already validated) into a Conversation."""
     messages: list[Message] = []
+    if not body["messages"]:
+        raise TemplateError("Cannot apply chat template to an empty conversation. Provide at least one message.")
     for m in body["messages"]:
         if not isinstance(m, dict):
             raise TemplateError("each message must be an object")
@@ -183,46 +234,97 @@ def chat_conversation(body: dict[str, Any]) -> Conversation:
     return Conversation(tools, names, tuple(messages))
 
 
-def _check(ok: bool, message: str) -> str | None:
-    return None if ok else message
+# name in the message, body key, expected types, minimum, maximum, whitelist: mlx_lm.server's checks, in its order.
+_PARAMETERS: tuple[tuple[str, str, tuple[type, ...], float | None, float | None, tuple[Any, ...]], ...] = (
+    ("stream", "stream", (bool,), None, None, ()),
+    ("max_tokens", "", (int,), 1, None, ()),
+    ("temperature", "temperature", (float, int), 0, None, ()),
+    ("top_p", "top_p", (float, int), 0, 1, ()),
+    ("top_k", "top_k", (int,), 0, None, ()),
+    ("min_p", "min_p", (float, int), 0, 1, ()),
+    ("num_draft_tokens", "num_draft_tokens", (int,), 0, None, ()),
+    ("repetition_penalty", "repetition_penalty", (float, int), 0, None, ()),
+    ("repetition_context_size", "repetition_context_size", (int,), 0, None, ()),
+    ("presence_penalty", "presence_penalty", (float, int), None, None, ()),
+    ("presence_context_size", "presence_context_size", (int,), 0, None, ()),
+    ("frequency_penalty", "frequency_penalty", (float, int), None, None, ()),
+    ("frequency_context_size", "frequency_context_size", (int,), 0, None, ()),
+    ("logprobs", "logprobs", (bool,), None, None, ()),
+    ("top_logprobs", "top_logprobs", (int,), 0, 11, (-1,)),
+    ("xtc_probability", "xtc_probability", (float,), 0, 1, ()),
+    ("xtc_threshold", "xtc_threshold", (float,), 0, 1, ()),
+    ("requested_model", "model", (str,), None, None, ()),
+)
+_OPTIONAL: tuple[tuple[str, str, type], ...] = (("adapter", "adapters", str), ("seed", "seed", int))
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def _type_names(types: tuple[type, ...]) -> str:
+    return types[0].__name__ if len(types) == 1 else str(tuple(t.__name__ for t in types))
 
 
-def invalid_parameters(body: Any, *, chat: bool) -> str | None:
-    """Why mlx_lm.server would reject this body before answering at all (it then closes the connection).
+def _check_parameter(
+    name: str, value: Any, types: tuple[type, ...], lo: float | None, hi: float | None, allowed: tuple[Any, ...]
+) -> str | None:
+    # Python's isinstance: a bool passes as an int, as it does in mlx_lm.server.
+    number: Any = value
+    if not isinstance(value, types):
+        return f"{name} must be of type {_type_names(types)}"
+    if number in allowed:
+        return None
+    if lo is not None and number < lo:
+        return f"{name} must be at least {lo}"
+    if hi is not None and number > hi:
+        return f"{name} must be at most {hi}"
+    return None
 
-    Returns None when the body passes. Mirrors its checks: body is an object, `messages`/`prompt` present,
-    `stream` a boolean, `max_tokens` a non-negative integer, sampling numbers in range, `model` a string.
+
+def bad_request(body: Any, *, chat: bool) -> str | None:
+    """Why mlx_lm.server answers 400 `{"error": ...}` to this body, or None when it passes.
+
+    Its checks, in its order: the body is an object; each sampling parameter that is sent has the right type
+    and range (`max_tokens`, that is `max_completion_tokens` or else `max_tokens`, at least 1; `xtc_*` must be
+    floats; a bool passes as an int); then `messages` (chat) or `prompt` (text) is present, and `messages` is
+    a list of objects. Failures it finds later (an empty `messages`, a bad template, an unknown model) are 404s.
     """
     if not isinstance(body, dict):
-        return "Request should be dict"
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens", 512)
-    top_logprobs = body.get("top_logprobs", -1)
-    checks = [
-        _check(isinstance(body.get("stream", False), bool), "stream must be a boolean"),
-        _check(
-            isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 0,
-            "max_tokens must be a non-negative integer",
-        ),
-        _check(_is_num(t := body.get("temperature", 0.0)) and t >= 0, "temperature must be a non-negative float"),
-        _check(_is_num(p := body.get("top_p", 1.0)) and 0 <= p <= 1, "top_p must be a float between 0 and 1"),
-        _check(_is_num(mp := body.get("min_p", 0.0)) and 0 <= mp <= 1, "min_p must be a float between 0 and 1"),
-        _check(isinstance(k := body.get("top_k", 0), int) and k >= 0, "top_k must be a non-negative integer"),
-        _check(isinstance(body.get("logprobs", False), bool), "logprobs must be a boolean"),
-        _check(top_logprobs == -1 or (_is_num(top_logprobs) and 0 < top_logprobs <= 10), "bad top_logprobs"),
-        _check(isinstance(body.get("model", ""), str), "model must be a string"),
-        _check(isinstance(body.get("seed", 0), int | None), "seed must be an integer"),
-    ]
-    if chat:
-        checks.append(_check(isinstance(body.get("messages"), list), "Request did not contain messages"))
-    else:
-        checks.append(_check(isinstance(body.get("prompt"), str), "Request did not contain a prompt"))
-    return next((c for c in checks if c is not None), None)
+        return "Request should be a JSON dictionary"
+    for name, key, types, lo, hi, allowed in _PARAMETERS:
+        if key == "":
+            value = body.get("max_completion_tokens")
+            if value is None:
+                value = body.get("max_tokens", 512)
+        elif key in body:
+            value = body[key]
+        else:
+            continue
+        if (problem := _check_parameter(name, value, types, lo, hi, allowed)) is not None:
+            return problem
+    for name, key, kind in _OPTIONAL:
+        if body.get(key) is not None and not isinstance(body[key], kind):
+            return f"{name} must be of type {kind.__name__}"
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            return "logit_bias must be of type dict"
+        try:
+            [(int(k), float(v)) for k, v in bias.items()]
+        except (TypeError, ValueError):
+            return "logit_bias must be a dict of int to float"
+    if not chat:
+        return None if "prompt" in body else "Request did not contain a prompt"
+    if "messages" not in body:
+        return "Request did not contain messages"
+    messages = body["messages"]
+    if isinstance(messages, str | dict) and messages:
+        return "'str' object has no attribute 'get'"
+    if isinstance(messages, str | dict):
+        return None
+    if not isinstance(messages, list):
+        return f"'{type(messages).__name__}' object is not iterable"
+    for m in messages:
+        if not isinstance(m, dict):
+            return f"'{type(m).__name__}' object has no attribute 'get'"
+    return None
 
 
 def max_tokens_of(body: dict[str, Any]) -> int:

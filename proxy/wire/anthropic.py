@@ -15,6 +15,7 @@ import msgspec
 from msgspec import UNSET, Meta, Raw, UnsetType
 
 from proxy.errors import InvalidRequest
+from proxy.validate import check_sampling
 
 # -- content blocks ----------------------------------------------------------------------------
 
@@ -292,8 +293,11 @@ def _decode(
 
 
 def decode_messages_request(body: bytes) -> MessagesRequest:
-    """Decode a `/v1/messages` body; InvalidRequest names the problem and the field path."""
-    return _decode(_request_decoder, body)
+    """Decode a `/v1/messages` body and check what Anthropic checks beyond the types (sampling ranges);
+    InvalidRequest names the problem and the field."""
+    req = _decode(_request_decoder, body)
+    check_sampling(req.temperature, req.top_p, req.top_k)
+    return req
 
 
 def decode_count_tokens_request(body: bytes) -> MessagesRequest:
@@ -310,18 +314,25 @@ class _UserId(msgspec.Struct):
 
 
 _user_id_decoder = msgspec.json.Decoder(_UserId)
+MAX_USER_ID = 4096
+"""Longest `metadata.user_id` looked into (Claude Code's is about 200 characters)."""
 
 
 def session_id_from_metadata(req: MessagesRequest) -> str | None:
-    """The Claude Code session id hidden in `metadata.user_id`, if any."""
+    """The Claude Code session id hidden in `metadata.user_id`, if any (as sent: the caller makes it safe).
+
+    A user_id over MAX_USER_ID characters, not JSON of the expected shape, or nested too deeply gives None.
+    """
     meta = req.metadata
     if not isinstance(meta, Metadata) or not isinstance(meta.user_id, str) or not meta.user_id:
         return None
     user_id = meta.user_id
+    if len(user_id) > MAX_USER_ID:
+        return None
     if user_id[0] == "{":
         try:
             return _user_id_decoder.decode(user_id).session_id or None
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeError, RecursionError):
             return None
     legacy = _LEGACY_USER_ID.fullmatch(user_id)
     return legacy[1] if legacy else None

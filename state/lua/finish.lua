@@ -4,14 +4,20 @@
 -- KEYS[2]  {P}node:{node}:stats    outcome counters and token totals
 -- KEYS[3]  {P}node:{node}:ttft     recent time-to-first-token samples (newest first)
 -- KEYS[4]  {P}node:{node}:total    recent total-time samples (newest first)
--- ARGV[1]  key prefix (unused)
+-- ARGV[1]  key prefix {P} (the node's cache-model keys are built from it)
 -- ARGV[2]  lease id
 -- ARGV[3]  1 = ok, 0 = failed
 -- ARGV[4]  time to first token ms   ARGV[5] total ms   (samples kept only when ok)
 -- ARGV[6]  error class (when failed)
 -- ARGV[7]  prompt tokens            ARGV[8] cached prompt tokens
 -- ARGV[9]  samples kept per list
+-- ARGV[10] cache report: "" none, "learn" (an answer with usage), "drop" (failed: it stored nothing)
+-- ARGV[11] node id          ARGV[12] prompt bytes     ARGV[13] reported prompt tokens
+-- ARGV[14] cached tokens    ARGV[15] completion tokens ARGV[16] cache_slots
+-- ARGV[17] block size       ARGV[18] max blocks per node  ARGV[19] prefix model TTL ms
+-- ARGV[20] t, then t block hashes of the prompt (capped by the caller)
 -- returns  1 if the lease was still held, else 0
+-- Cost: O(entries x log t) to compare, plus the blocks of the entries it changes (state/lua/cache_model.lua).
 
 local released = redis.call("ZREM", KEYS[1], ARGV[2])
 local samples = tonumber(ARGV[9])
@@ -31,4 +37,22 @@ else
 end
 redis.call("HINCRBY", KEYS[2], F_PROMPT_TOKENS, ARGV[7])
 redis.call("HINCRBY", KEYS[2], F_CACHED_TOKENS, ARGV[8])
+
+local mode = ARGV[10]
+if mode ~= "" then
+  local total = tonumber(ARGV[20])
+  local blocks = {}
+  for i = 1, total do blocks[i] = ARGV[20 + i] end
+  local k = cm_keys(ARGV[11])
+  if mode == "learn" then
+    local r = {
+      blocks = blocks, total = total, prompt_bytes = tonumber(ARGV[12]), prompt_tokens = tonumber(ARGV[13]),
+      cached = tonumber(ARGV[14]), completion = tonumber(ARGV[15]), slots = tonumber(ARGV[16]),
+    }
+    cm_report(k, r, tonumber(ARGV[17]), tonumber(ARGV[18]))
+    cm_expire(k, tonumber(ARGV[19]))
+  else
+    cm_drop_pending(k, blocks, total)
+  end
+end
 return released

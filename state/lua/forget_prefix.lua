@@ -1,16 +1,13 @@
--- forget_prefix: drop blocks from one node's prefix index (Store.forget_prefix).
+-- forget_prefix: the node no longer holds these blocks: cut every entry of its cache model back to before
+-- the first of them (Store.forget_prefix).
 --
--- KEYS[1]  {P}node:{node}:blocks   the node's block LRU
--- KEYS[1+i] {P}block:{hash} of the i-th block
--- ARGV[1]  key prefix (unused)
+-- ARGV[1]  key prefix {P} (the node's cache-model keys are built from it)
 -- ARGV[2]  node id
 -- ARGV[2+i] hash of the i-th block
--- returns  how many blocks the node's LRU held
+-- returns  entries left in the node's model
 
-local node = ARGV[2]
-local dropped = 0
-for i = 2, #KEYS do
-  redis.call("HDEL", KEYS[i], node)
-  dropped = dropped + redis.call("ZREM", KEYS[1], ARGV[1 + i])
-end
-return dropped
+local gone = {}
+for i = 3, #ARGV do gone[ARGV[i]] = true end
+local k = cm_keys(ARGV[2])
+cm_forget(k, gone)
+return redis.call("ZCARD", k.lru)

@@ -4,18 +4,19 @@
 --
 -- KEYS[1]  {P}session:{pool}:{session}  the session's binding (any key when ARGV[2] is "")
 -- KEYS[2]  {P}rr:{pool}                 the pool's round-robin counter
--- ARGV[1]  key prefix {P}; per-node and per-block keys are built from it (no Redis Cluster)
+-- ARGV[1]  key prefix {P}; per-node keys are built from it (no Redis Cluster)
 -- ARGV[2]  session member "{pool}:{session}", "" = no session
 -- ARGV[3]  strategy: cache-aware | round-robin | least-loaded | latency-based | random
 -- ARGV[4]  lease id
 -- ARGV[5]  lease TTL ms            ARGV[6]  session TTL ms
--- ARGV[7]  prefix entry TTL ms     ARGV[8]  max blocks per node
+-- ARGV[7]  prefix model TTL ms     ARGV[8]  max blocks per node
 -- ARGV[9]  weight load             ARGV[10] weight crowding      ARGV[11] overload factor
--- ARGV[12] weight spread          ARGV[13] random pick in [0, 1)
--- ARGV[14] n candidates, then n times: node id, max_concurrency, cache_slots, rendezvous rank
+-- ARGV[12] weight spread          ARGV[13] random pick in [0, 1) ARGV[14] session active ms
+-- ARGV[15] n candidates, then n times: node id, max_concurrency, cache_slots, rendezvous rank
 -- then     m, then m node ids fastest first (latency-based)
--- then     t, then t block hashes of the prompt
+-- then     t, then t block hashes of the prompt (already capped by the caller)
 -- returns  {node id, reason, matched blocks, total blocks, bound (0|1)}
+-- Cost: per candidate O(log t) HEXISTS; on the chosen node O(t) to record the prompt (state/lua/cache_model.lua).
 
 local now = now_ms()
 local member = ARGV[2]
@@ -30,8 +31,9 @@ local w_crowding = tonumber(ARGV[10])
 local overload_factor = tonumber(ARGV[11])
 local w_spread = tonumber(ARGV[12])
 local random_pick = tonumber(ARGV[13])
+local active_ms = tonumber(ARGV[14])
 
-local pos = 14
+local pos = 15
 local function next_arg()
   local v = ARGV[pos]
   pos = pos + 1
@@ -55,34 +57,18 @@ local blocks = {}
 local total = tonumber(next_arg())
 for i = 1, total do blocks[i] = next_arg() end
 
--- load: live leases and bindings (expired ones trimmed)
+-- load: live leases, active bindings (expired ones trimmed), what each node is believed to hold
+local active_after = now + session_ttl - active_ms
 for _, c in ipairs(cands) do
   local leases = node_key(c.id, LEASES)
   redis.call("ZREMRANGEBYSCORE", leases, "-inf", now)
   c.inflight = redis.call("ZCARD", leases)
   local sessions = node_key(c.id, SESSIONS)
   redis.call("ZREMRANGEBYSCORE", sessions, "-inf", now)
-  c.sessions = redis.call("ZCARD", sessions)
-  c.matched = 0
-end
-
--- prefix: each candidate's run of leading blocks it holds (fresh entries only)
-local alive = {}
-for i, c in ipairs(cands) do alive[i] = c end
-local fresh_after = now - prefix_ttl
-for depth = 1, total do
-  if #alive == 0 then break end
-  local ids = {}
-  for i, c in ipairs(alive) do ids[i] = c.id end
-  local seen = redis.call("HMGET", block_key(blocks[depth]), unpack(ids))
-  local still = {}
-  for i, c in ipairs(alive) do
-    if seen[i] and tonumber(seen[i]) > fresh_after then
-      c.matched = depth
-      still[#still + 1] = c
-    end
-  end
-  alive = still
+  c.sessions = redis.call("ZCOUNT", sessions, "(" .. int(active_after), "+inf")
+  c.cache = cm_keys(c.id)
+  c.matched = cm_matched(c.cache, blocks, total)
+  c.capacity = cm_capacity(c.cache, c.cache_slots)
 end
 
 local binding = nil
@@ -95,7 +81,7 @@ if strategy == "round-robin" then turn = redis.call("INCR", KEYS[2]) - 1 end
 -- choose (state.policy.choose_node)
 local function overloaded(c) return c.inflight >= c.max_concurrency * overload_factor end
 local function cost(c)
-  local crowd = math.max(0, c.sessions + 1 - c.cache_slots)
+  local crowd = math.max(0, c.sessions + 1 - c.capacity)
   local max_concurrency = math.max(1, c.max_concurrency)
   return (total - c.matched) + total * (w_load * c.inflight / max_concurrency + w_crowding * crowd)
     + w_spread * c.sessions
@@ -150,10 +136,15 @@ else
     local b = by_id[binding]
     if b == nil then
       reason = "rebind-unavailable"
-    elseif not overloaded(b) or all_overloaded then
-      chosen, reason = b, "session"
-    else
+    elseif overloaded(b) and not all_overloaded then
       reason = "rebind-overloaded"
+    else
+      local holds = b.matched + math.max(1, math.floor(total / 4))
+      local evicted = false
+      for _, c in ipairs(cands) do
+        if c.matched >= holds and not overloaded(c) then evicted = true end
+      end
+      if evicted then reason = "rebind-evicted" else chosen, reason = b, "session" end
     end
   end
   if chosen == nil then
@@ -162,13 +153,14 @@ else
       if all_overloaded or not overloaded(c) then eligible[#eligible + 1] = c end
     end
     chosen = lowest(eligible, function(c) return {cost(c), c.sessions, -c.rank, c.index} end)
+    if reason == "rebind-evicted" and chosen.id == binding then reason = "session" end
     if reason == nil then
       if chosen.matched > 0 then reason = "prefix" else reason = "cold" end
     end
   end
 end
 
--- apply: binding (first writer wins: this script is atomic), lease, predicted placement
+-- apply: binding (first writer wins: this script is atomic), lease, predicted entry
 local node = chosen.id
 if bind then
   if binding ~= node then
@@ -187,33 +179,8 @@ redis.call("ZADD", leases, int(now + lease_ttl), lease_id)
 extend_ttl(leases, lease_ttl)
 
 if total > 0 then
-  local lru = node_key(node, BLOCKS)
-  local top = redis.call("ZRANGE", lru, -1, -1, "WITHSCORES")
-  local base = 0
-  if top[2] then base = tonumber(top[2]) end
-  local stamp = int(now)
-  local batch = {}
-  for i = 1, total do
-    local key = block_key(blocks[i])
-    redis.call("HSET", key, node, stamp)
-    redis.call("PEXPIRE", key, prefix_ttl)
-    -- the first block ranks most recent, so trimming eats a prompt from its tail
-    batch[#batch + 1] = int(base + total - i + 1)
-    batch[#batch + 1] = blocks[i]
-    if #batch >= 1000 then
-      redis.call("ZADD", lru, unpack(batch))
-      batch = {}
-    end
-  end
-  if #batch > 0 then redis.call("ZADD", lru, unpack(batch)) end
-  redis.call("PEXPIRE", lru, prefix_ttl)
-  local excess = redis.call("ZCARD", lru) - max_blocks
-  if excess > 0 then
-    for _, block in ipairs(redis.call("ZRANGE", lru, 0, excess - 1)) do
-      redis.call("HDEL", block_key(block), node)
-    end
-    redis.call("ZREMRANGEBYRANK", lru, 0, excess - 1)
-  end
+  cm_predict(chosen.cache, blocks, total, max_blocks)
+  cm_expire(chosen.cache, prefix_ttl)
 end
 
 return {node, reason, chosen.matched, total, bind and 1 or 0}

@@ -19,10 +19,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis.strategies import integers
 
+from state.cache_model import CacheReport
 from state.memory import MemoryStore
 from state.redis_store import RedisStore
 from state.store import Store
-from state.types import Candidate, CostWeights, Decision, Lease, Outcome, RouteRequest, RoutingLimits, Strategy
+from state.types import (
+    Candidate,
+    CostWeights,
+    Decision,
+    Lease,
+    NodeView,
+    Outcome,
+    RouteRequest,
+    RoutingLimits,
+    Strategy,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -73,7 +84,9 @@ def history(seed: int, length: int) -> list[tuple[Any, ...]]:
             )
             ops.append(("route", request))
         elif roll < 0.93:
-            ops.append(("finish", rng.randrange(1000), rng.random() < 0.8))
+            # how much the node says it reused: nothing, part of the prompt, or all of it (cache feedback)
+            reused = rng.choice([0.0, 0.3, 0.9, 1.0, 1.0, None])
+            ops.append(("finish", rng.randrange(1000), rng.random() < 0.8, reused, rng.randrange(40)))
         elif roll < 0.97:
             ops.append(("unbind", rng.choice(["qwen", "qwen:30b"]), f"s{rng.randrange(6)}"))
         else:
@@ -85,13 +98,13 @@ def _summary(d: Decision) -> tuple[Any, ...]:
     return (d.node_id, d.reason, d.matched_blocks, d.total_blocks, d.bound)
 
 
-async def play(redis_url: str, ops: list[tuple[Any, ...]]) -> list[Decision]:
-    """Play one history on both stores; returns the decisions (asserting they agree)."""
+async def play(redis_url: str, ops: list[tuple[Any, ...]]) -> tuple[list[Decision], list[NodeView]]:
+    """Play one history on both stores; returns the decisions and node views (asserting they agree)."""
     limits = RoutingLimits(key_prefix=f"agree{uuid.uuid4().hex[:12]}:", max_blocks_per_node=10)
     memory: Store = MemoryStore(limits)
     shared: Store = RedisStore.from_url(redis_url, limits)
     decisions: list[Decision] = []
-    open_leases: list[Lease] = []
+    open_leases: list[tuple[Lease, RouteRequest]] = []
     try:
         for step, op in enumerate(ops):
             if op[0] == "route":
@@ -99,11 +112,26 @@ async def play(redis_url: str, ops: list[tuple[Any, ...]]) -> list[Decision]:
                 mine, theirs = await memory.route(request), await shared.route(request)
                 assert _summary(mine) == _summary(theirs), (step, request)
                 decisions.append(mine)
-                open_leases.append(mine.lease)
+                open_leases.append((mine.lease, request))
             elif op[0] == "finish" and open_leases:
-                lease = open_leases.pop(op[1] % len(open_leases))
-                ok = op[2]
-                outcome = Outcome(ok=ok, ttft_ms=float(step), total_ms=2.0 * step, error_class="" if ok else "x")
+                lease, routed = open_leases.pop(op[1] % len(open_leases))
+                ok, reused, completion = op[2], op[3], op[4]
+                report = None
+                if routed.blocks:
+                    slots = next(c.cache_slots for c in routed.candidates if c.node_id == lease.node_id)
+                    prompt_tokens = 250 * len(routed.blocks) + completion
+                    report = CacheReport(
+                        blocks=routed.blocks,
+                        prompt_bytes=1024 * len(routed.blocks) + 7,
+                        prompt_tokens=prompt_tokens,
+                        cached_tokens=int(prompt_tokens * (reused or 0.0)),
+                        completion_tokens=completion,
+                        cache_slots=slots,
+                        reported=reused is not None,
+                    )
+                outcome = Outcome(
+                    ok=ok, ttft_ms=float(step), total_ms=2.0 * step, error_class="" if ok else "x", report=report
+                )
                 await memory.finish(lease, outcome)
                 await shared.finish(lease, outcome)
             elif op[0] == "unbind":
@@ -111,17 +139,18 @@ async def play(redis_url: str, ops: list[tuple[Any, ...]]) -> list[Decision]:
                 await shared.unbind(op[1], op[2])
             elif op[0] == "remove":
                 node = NODES[op[1]].node_id
-                open_leases = [lease for lease in open_leases if lease.node_id != node]
+                open_leases = [(lease, r) for lease, r in open_leases if lease.node_id != node]
                 await memory.remove_node(node)
                 await shared.remove_node(node)
         ids = [n.node_id for n in NODES]
-        assert await memory.node_views(ids) == await shared.node_views(ids)
+        views = await memory.node_views(ids)
+        assert views == await shared.node_views(ids)
         mine_bound = sorted((b.pool, b.session, b.node_id) for b in await memory.sessions())
         theirs_bound = sorted((b.pool, b.session, b.node_id) for b in await shared.sessions())
         assert mine_bound == theirs_bound
     finally:
         await shared.close()
-    return decisions
+    return decisions, views
 
 
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -133,14 +162,21 @@ def test_memory_and_redis_decide_alike(redis_url: str, seed: int) -> None:
 def test_histories_exercise_every_rule(redis_url: str) -> None:
     """The generator reaches every reason, so agreement above covers every branch of route.lua."""
     reasons = set()
+    misses = learned = reports = 0
     for seed in range(8):
-        reasons |= {d.reason for d in asyncio.run(play(redis_url, history(seed, 80)))}
+        decisions, views = asyncio.run(play(redis_url, history(seed, 80)))
+        reasons |= {d.reason for d in decisions}
+        reports += sum(v.cache.reports for v in views)
+        misses += sum(v.cache.misses for v in views)
+        learned += sum(1 for v in views if v.cache.capacity)
+    assert reports and misses and learned  # the cache feedback (finish.lua, cache_model.lua) is exercised too
     assert reasons == {
         "session",
         "prefix",
         "cold",
         "rebind-unavailable",
         "rebind-overloaded",
+        "rebind-evicted",
         "round-robin",
         "least-loaded",
         "latency",

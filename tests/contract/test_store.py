@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 
 import msgspec
 import pytest
 
-from state import open_store
-from state.errors import StateUnavailable
+from state.cache_model import CacheReport
 from state.health import NodeHealth
 from state.memory import MemoryStore
 from state.redis_store import RedisStore
 from state.store import Store
-from state.types import Candidate, CostWeights, Lease, NodeState, Outcome, RouteRequest, RoutingLimits, Strategy
+from state.types import (
+    Candidate,
+    CostWeights,
+    Decision,
+    Lease,
+    NodeState,
+    Outcome,
+    RouteRequest,
+    Strategy,
+)
 from tests.contract.conftest import StoreFactory
-from tests.procs import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -238,17 +244,34 @@ class TestStore:
 
     async def test_prefix_index_is_bounded_per_node(self, make_stores: StoreFactory) -> None:
         (store,) = await make_stores(max_blocks_per_node=50)
-        one = NODES[:1]
-        for i in range(30):  # 30 prompts x 20 blocks = 600 blocks for a 50-block index
+        one = (Candidate("mac1", cache_slots=100),)
+        for i in range(30):  # 30 prompts x 20 blocks = 600 blocks for a 50-block model
             await store.route(req(prompt(f"p{i}", 20, tools=False), candidates=one))
             assert await held_blocks(store, "mac1") <= 50
-        assert await held_blocks(store, "mac1") == 50
+        assert await held_blocks(store, "mac1") == 40  # whole entries go, least recently used first
         newest = await store.route(req(prompt("p29", 20, tools=False), candidates=one))
         oldest = await store.route(req(prompt("p0", 20, tools=False), candidates=one))
         assert newest.matched_blocks == 20
         assert oldest.matched_blocks == 0
-        partial = await store.route(req(prompt("p28", 20, tools=False), candidates=one))
-        assert partial.matched_blocks == 10  # trimming eats older prompts from their tails
+
+    async def test_entries_are_capped_by_cache_slots(self, store: Store) -> None:
+        one = (Candidate("mac1", cache_slots=3),)
+        for i in range(5):
+            p = prompt(f"p{i}", 4)
+            d = await store.route(req(p, candidates=one))
+            await answer(store, d, p, cached=8 * TOKENS_PER_BLOCK * (i > 0), slots=3)
+        (v,) = await store.node_views(["mac1"])
+        assert v.cache.entries == 3
+        assert (await store.route(req(prompt("p1", 4), candidates=one))).matched_blocks == 8  # the tools only
+        assert (await store.route(req(prompt("p4", 4), candidates=one))).matched_blocks == 12
+
+    async def test_a_huge_prompt_is_matched_and_recorded_on_its_first_blocks(self, make_stores: StoreFactory) -> None:
+        (store,) = await make_stores(max_request_blocks=16)
+        d = await store.route(req(prompt("huge", 5000), "s"))
+        assert (d.matched_blocks, d.total_blocks) == (0, 16)
+        again = await store.route(req(prompt("huge", 6000), "s"))
+        assert (again.reason, again.matched_blocks, again.total_blocks) == ("session", 16, 16)
+        assert await held_blocks(store, d.node_id) == 16
 
     # -- the baselines -----------------------------------------------------------------------------
 
@@ -380,100 +403,124 @@ class TestStore:
         await store.ping()
 
 
+TOKENS_PER_BLOCK = 256
+
+
+async def answer(
+    store: Store, d: Decision, blocks: tuple[str, ...], cached: int, *, completion: int = 10, slots: int = 10
+) -> None:
+    """The node answered `blocks` and reported `cached` tokens reused (4 bytes a token, 256 tokens a block)."""
+    tokens = TOKENS_PER_BLOCK * len(blocks)
+    report = CacheReport(blocks, 1024 * len(blocks), tokens, cached, completion, cache_slots=slots)
+    await store.finish(d.lease, Outcome(ok=True, prompt_tokens=tokens, cached_tokens=cached, report=report))
+
+
+class TestCacheFeedback:
+    """The router's model of each node's cache follows what the nodes report (state.cache_model)."""
+
+    async def test_a_prompt_the_node_evicted_no_longer_attracts_it(self, store: Store) -> None:
+        one = (Candidate("mac1", cache_slots=4),)
+        for i in range(4):
+            p = prompt(f"c{i}", 4)
+            d = await store.route(req(p, candidates=one))
+            await answer(store, d, p, cached=8 * TOKENS_PER_BLOCK if i else 0, slots=4)
+        revisit = prompt("c0", 4)
+        d = await store.route(req(revisit, candidates=one))
+        assert (d.reason, d.matched_blocks) == ("prefix", 12)  # believed: all of it
+        # the node had only the tools (its cache really holds 2 entries): it says so
+        await answer(store, d, revisit, cached=8 * TOKENS_PER_BLOCK, slots=4)
+        (v,) = await store.node_views(["mac1"])
+        assert (v.cache.misses, v.cache.capacity, v.cache.reports) == (1, 3, 5)
+        assert v.cache.entries <= 3
+        assert (v.cache.predicted_tokens, v.cache.reported_tokens) == (3 * 8 * 256 + 12 * 256, 4 * 8 * 256)
+        # the others, older than c0's rank, are known gone too
+        assert (await store.route(req(prompt("c1", 4), candidates=one))).matched_blocks == 8
+
+    async def test_a_text_turn_extends_the_entry_and_a_tool_turn_keeps_the_old_one(self, store: Store) -> None:
+        one = (Candidate("mac1"),)
+        turn1 = prompt("chat", 2)
+        d = await store.route(req(turn1, "s", candidates=one))
+        await answer(store, d, turn1, cached=0, completion=20)
+        turn2 = prompt("chat", 4)
+        d = await store.route(req(turn2, "s", candidates=one))
+        assert (d.reason, d.matched_blocks) == ("session", 10)
+        await answer(store, d, turn2, cached=10 * TOKENS_PER_BLOCK + 20, completion=30)  # prompt + reply reused
+        (v,) = await store.node_views(["mac1"])
+        assert v.cache.entries == 1  # the node's new entry replaced the one it extended
+        turn3 = prompt("chat", 6)
+        d = await store.route(req(turn3, "s", candidates=one))
+        await answer(store, d, turn3, cached=12 * TOKENS_PER_BLOCK + 5)  # a tool call re-rendered: 25 short
+        (v,) = await store.node_views(["mac1"])
+        assert (v.cache.entries, v.cache.misses) == (2, 0)  # mlx_lm keeps both entries
+
+    async def test_a_node_that_lost_its_whole_cache(self, store: Store) -> None:
+        one = (Candidate("mac1"),)
+        for i in range(3):
+            p = prompt(f"r{i}", 2, tools=False)
+            await answer(store, await store.route(req(p, candidates=one)), p, cached=0)
+        p = prompt("r2", 3, tools=False)
+        await answer(store, await store.route(req(p, candidates=one)), p, cached=0)  # even the newest is gone
+        (v,) = await store.node_views(["mac1"])
+        assert (v.cache.entries, v.cache.misses, v.cache.capacity) == (1, 1, 0)  # a restart, not a small cache
+
+    async def test_capacity_grows_back_on_hits_at_the_oldest_entry(self, store: Store) -> None:
+        one = (Candidate("mac1", cache_slots=4),)
+        prompts = [prompt(f"g{i}", 2, tools=False) for i in range(3)]
+        for p in prompts:
+            await answer(store, await store.route(req(p, candidates=one)), p, cached=0, slots=4)
+        again = prompt("g0", 2, tools=False)
+        await answer(store, await store.route(req(again, candidates=one)), again, cached=0, slots=4)  # rank 3 gone
+        (v,) = await store.node_views(["mac1"])
+        assert v.cache.capacity == 2
+        p = prompt("g2", 3, tools=False)  # g2 is now the oldest of the two: a hit there says the node holds more
+        d = await store.route(req(p, candidates=one))
+        await answer(store, d, p, cached=2 * TOKENS_PER_BLOCK + 10, slots=4)
+        (v,) = await store.node_views(["mac1"])
+        assert v.cache.capacity == 3
+
+    async def test_a_failed_request_stored_nothing(self, store: Store) -> None:
+        one = (Candidate("mac1"),)
+        p = prompt("fail", 3)
+        d = await store.route(req(p, candidates=one))
+        report = CacheReport(p, 1024 * len(p), 0, 0, 0, reported=False)
+        await store.finish(d.lease, Outcome(ok=False, error_class="http_5xx", report=report))
+        assert (await store.route(req(p, candidates=one))).matched_blocks == 0
+
+    async def test_a_session_whose_node_evicted_it_moves_to_a_node_that_holds_it(self, store: Store) -> None:
+        p = prompt("moved", 8)
+        first = await store.route(req(p, "s", candidates=NODES[:1]))
+        await answer(store, first, p, cached=0)
+        other = await store.route(req(p, candidates=NODES[1:2]))  # a copy lands on mac2 (no session)
+        await answer(store, other, p, cached=0)
+        await store.forget_prefix("mac1", p[8:])  # mac1 keeps only the tools
+        d = await store.route(req((*p, "next"), "s"))
+        assert (d.node_id, d.reason, d.bound) == ("mac2", "rebind-evicted", True)
+
+    async def test_finished_sessions_stop_counting_against_their_node(self, make_stores: StoreFactory) -> None:
+        (store,) = await make_stores(session_active_ms=300)
+        d = await store.route(req(prompt("idle", 2), "idle"))
+        await store.finish(d.lease, Outcome(ok=True))
+        (v,) = await store.node_views([d.node_id])
+        assert v.sessions == 1
+        await asyncio.sleep(0.4)
+        (v,) = await store.node_views([d.node_id])
+        assert v.sessions == 0
+        assert [b.node_id for b in await store.sessions()] == [d.node_id]  # still bound: its next turn returns
+
+
 async def held_blocks(store: Store, node: str) -> int:
-    """Prefix-index entries held for a node, read from the backend's own structures (both must agree)."""
+    """Distinct blocks the model of a node's cache holds, read from the backend's own structures; checks that
+    the per-block reference counts agree with the entries."""
     if isinstance(store, MemoryStore):
-        lru = len(store._node_blocks.get(node, {}))
-        holders = sum(node in nodes for nodes in store._block_nodes.values())
+        cache = store._caches.get(node)
+        if cache is None:
+            return 0
+        refs = dict(cache.refs)
+        entries = [e.blocks for e in cache.entries.values()]
     else:
         assert isinstance(store, RedisStore)
-        lru = await store.client.zcard(f"{store.prefix}node:{node}:blocks")
-        holders = 0
-        async for key in store.client.scan_iter(match=f"{store.prefix}block:*", count=1000):
-            holders += await store.client.hexists(key, node)
-    assert lru == holders
-    return int(lru)
-
-
-# -- Redis only ------------------------------------------------------------------------
-
-
-@pytest.mark.redis
-async def test_scripts_reload_after_script_flush(redis_url: str) -> None:
-    """SCRIPT FLUSH (or a restart, or a failover to a replica that never saw the scripts) costs nothing."""
-    store = RedisStore.from_url(redis_url, RoutingLimits(key_prefix="flush:"))
-    try:
-        first = await store.route(req(prompt("s", 2), "s"))
-        await store.client.script_flush()
-        again = await store.route(req(prompt("s", 3), "s"))
-        assert (again.node_id, again.reason) == (first.node_id, "session")
-        await store.client.script_flush()
-        await store.finish(again.lease, Outcome(ok=True, ttft_ms=1.0, total_ms=2.0))
-        await store.client.script_flush()
-        await store.renew([first.lease], 1000)
-        await store.client.script_flush()
-        assert (await store.node_views([first.node_id]))[0].stats.ok == 1
-        await store.client.script_flush()
-        await store.forget_prefix(first.node_id, ["x"])
-        await store.client.script_flush()
-        await store.unbind("qwen", "s")
-        await store.client.script_flush()
-        await store.remove_node(first.node_id)
-        assert await view(store, first.node_id) == (0, 0)
-        await store.client.script_flush()
-        assert await store.acquire_slot("alice", "l1", 1, 1000)
-        await store.client.script_flush()
-        await store.renew_slots([("alice", "l1")], 1000)
-    finally:
-        await store.close()
-
-
-@pytest.mark.redis
-async def test_unreachable_redis_fails_fast() -> None:
-    store = open_store(f"redis://127.0.0.1:{free_port()}/0", redis_timeout_ms=200)
-    for call in (
-        store.route(req(prompt("s", 2), "s")),
-        store.finish(Lease("mac1", "l"), Outcome(ok=True)),
-        store.renew([Lease("mac1", "l")], 1000),
-        store.node_views(["mac1"]),
-        store.health(),
-        store.cas_health("mac1", NodeHealth()),
-        store.claim_probe("mac1", "r", 1000),
-        store.registry(),
-        store.sessions(),
-        store.acquire_slot("alice", "l", 1, 1000),
-        store.release_slot("alice", "l"),
-        store.renew_slots([("alice", "l")], 1000),
-        store.ping(),
-    ):
-        start = time.monotonic()
-        with pytest.raises(StateUnavailable):
-            await call
-        assert time.monotonic() - start < 1.0
-    await store.close()
-
-
-@pytest.mark.redis
-async def test_silent_redis_times_out() -> None:
-    """A server that accepts connections but never answers (a hung Redis, a black-holed network)."""
-
-    writers: list[asyncio.StreamWriter] = []
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await reader.read(1 << 20)
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    store = open_store(f"redis://127.0.0.1:{port}/0", redis_timeout_ms=200, prefix="silent:")
-    try:
-        start = time.monotonic()
-        with pytest.raises(StateUnavailable):
-            await store.route(req(prompt("s", 2), "s"))
-        assert time.monotonic() - start < 1.5
-    finally:
-        await store.close()
-        for writer in writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+        refs = {k: int(v) for k, v in (await store.client.hgetall(f"{store.prefix}node:{node}:refs")).items()}
+        raw = await store.client.hgetall(f"{store.prefix}node:{node}:entries")
+        entries = [tuple(v.split(":", 2)[2].strip(",").split(",")) for v in raw.values()]
+    assert refs == collections.Counter(b for blocks in entries for b in blocks)
+    return len(refs)

@@ -27,8 +27,12 @@ def L(inflight: int = 0, sessions: int = 0, matched: int = 0) -> NodeLoad:
 @pytest.mark.parametrize(
     ("loads", "binding", "candidates", "node", "reason"),
     [
-        # honoured, even when another node holds more of the prompt or is idler
-        ({"b": L(matched=10), "a": L(inflight=3)}, "a", (A, B, C), "a", "session"),
+        # honoured, even when another node holds a little more of the prompt or is idler
+        ({"b": L(matched=3), "a": L(matched=2, inflight=3)}, "a", (A, B, C), "a", "session"),
+        # the bound node evicted the conversation and another holds a quarter of the prompt more: move there
+        ({"b": L(matched=10), "a": L(matched=2, inflight=3)}, "a", (A, B, C), "b", "rebind-evicted"),
+        # ...unless that node is overloaded
+        ({"b": L(matched=10, inflight=8), "a": L(matched=2)}, "a", (A, B, C), "a", "session"),
         # in-flight just under max_concurrency * overload_factor (4 * 2) still sticks
         ({"a": L(inflight=7)}, "a", (A, B, C), "a", "session"),
         # at 8 it moves, to the best other node

@@ -24,6 +24,7 @@ from proxy.wire.anthropic import (
     session_id_from_metadata,
 )
 from proxy.wire.openai import decode_completion
+from state.prefix import block_hashes
 from tests.claude_code_request import TOOL_NAMES, billing_header, claude_code_request
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.37.abc; cc_entrypoint=cli; cch=1f2e3;"
@@ -513,14 +514,30 @@ def test_prompt_parts_of_turn_n_are_a_prefix_of_turn_n_plus_1() -> None:
         assert following[: len(turn)] == turn
 
 
-def test_prompt_parts_are_tools_then_one_item_per_message() -> None:
+def test_prompt_parts_are_system_then_tools_then_one_item_per_message() -> None:
     b = claude_code_request("s-1", 3)
     chat_req = to_chat_request(decode_messages_request(encode(b)), model_id=None, max_tokens_cap=8192)
     parts = prompt_parts(chat_req)
     assert len(parts) == 1 + len(chat_req.messages)
-    assert len(json.loads(parts[0])) == len(TOOL_NAMES)
-    assert [json.loads(p)["role"] for p in parts[1:]] == [m.__struct_config__.tag for m in chat_req.messages]
+    assert json.loads(parts[0])["role"] == "system"  # the order Qwen, Llama and GLM templates render
+    assert len(json.loads(parts[1])) == len(TOOL_NAMES)
+    assert [json.loads(p)["role"] for p in parts[2:]] == [m.__struct_config__.tag for m in chat_req.messages[1:]]
     assert prompt_parts(to_chat_request(decode_messages_request(encode(b)), model_id="x", max_tokens_cap=1)) == parts
+    tools_first = prompt_parts(chat_req, tools_first=True)
+    assert tools_first[:2] == [parts[1], parts[0]]
+    assert tools_first[2:] == parts[2:]
+
+
+def test_agents_that_share_tools_but_not_the_system_prompt_share_no_prefix() -> None:
+    def blocks_of(system_prompt: str) -> tuple[str, ...]:
+        b = claude_code_request("s-1", 1)
+        b["system"] = [{"type": "text", "text": system_prompt}]
+        chat_req = to_chat_request(decode_messages_request(encode(b)), model_id=None, max_tokens_cap=8192)
+        return block_hashes(prompt_parts(chat_req), salt="p")
+
+    one, other = blocks_of("You are agent one." * 10), blocks_of("You are agent two." * 10)
+    assert len(one) > 10
+    assert one[0] != other[0]  # the node renders the system prompt first: nothing in common
 
 
 def test_message_bytes_depend_only_on_that_message() -> None:
