@@ -8,7 +8,11 @@ Timeline of one streaming request:
   3. translate chunks to events as they arrive and write them at once (no buffering);
   4. a node failure before any content was written → next node (same stream, same message);
      after content → an Anthropic `error` event ends the stream (never a fake end_turn).
-The client disconnecting cancels the relay, which closes the upstream response at once.
+  5. the node finished (chat: `[DONE]` or a finish_reason; native: message_stop) → the success is booked,
+     then the last events go out and the node's connection is closed, without waiting for an HTTP/1.0
+     node (mlx_lm.server) to close its socket.
+The client disconnecting cancels the relay, which closes the upstream response at once — unless the
+answer was already finished (step 5): a client hanging up after the last byte cancels nothing.
 """
 
 from __future__ import annotations
@@ -301,7 +305,7 @@ class RelayResponse:
         self.status: int | str = "client_cancel"
         """What the client got: an HTTP status, `stream_error`, or `client_cancel` while unfinished."""
         self.finishing = False
-        """The node finished its answer (and the success is booked): a client hanging up now cancels nothing."""
+        """The node finished its answer (its success is booked first): a client hanging up now cancels nothing."""
         self.error_sent = False
         """An `error` event already went out (a native node's own): no second one."""
         self._booking: asyncio.Future[None] | None = None
@@ -463,7 +467,10 @@ class RelayResponse:
         self.status = 200
         self._booking = asyncio.ensure_future(attempt.succeed())
         try:
-            await asyncio.shield(self._booking)
+            try:
+                await asyncio.shield(self._booking)
+            except Exception:  # the books, not the answer, are at fault: the client still gets its end
+                log.exception("could not book the success of request %s", self.prep.request_id)
             await self._write(tail)
             await self._end()
         finally:

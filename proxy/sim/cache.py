@@ -92,6 +92,10 @@ class PromptCache:
         """Stored sequences, least recently inserted first."""
         return [CacheEntry(token_count(k), kind) for k, kind in self._entries.items()]
 
+    def sequences(self) -> list[bytes]:
+        """The stored token sequences themselves, least recently inserted first."""
+        return list(self._entries)
+
     def clear(self) -> None:
         self._entries.clear()
 

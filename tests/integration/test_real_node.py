@@ -27,6 +27,7 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
+from anthropic.types import MessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.claude_code_request import claude_code_request, sdk_kwargs
@@ -84,12 +85,14 @@ def real_nodes(model: Path, *specs: tuple[str, bool, tuple[str, ...]]) -> Iterat
 
 
 @contextlib.contextmanager
-def gateway_for(model: Path, nodes: list[RealNode], **env: str) -> Iterator[Proc]:
-    """A gateway process over `nodes`, each configured with the model id it serves (its --model path),
-    once every node passed its probe."""
+def gateway_for(model: Path, nodes: list[RealNode], *, node_config: str = "", **env: str) -> Iterator[Proc]:
+    """A gateway process over `nodes`, each configured with the model id it serves (its --model path) and
+    `node_config` (TOML lines), once every node passed its probe."""
     with tempfile.TemporaryDirectory(prefix="mlxmux-real-") as d:
         config = Path(d) / "mlxmux.toml"
-        config.write_text("".join(f'[[nodes]]\nid = "{n.id}"\nurl = "{n.url}"\nmodel = "{model}"\n\n' for n in nodes))
+        config.write_text(
+            "".join(f'[[nodes]]\nid = "{n.id}"\nurl = "{n.url}"\nmodel = "{model}"\n{node_config}\n' for n in nodes)
+        )
         with gateway(extra=["--config", str(config)], env={**GW_ENV, **env}) as gw:
             deadline = time.monotonic() + 20
             while {n["id"]: n["state"] for n in cluster(gw)["nodes"]} != {n.id: "healthy" for n in nodes}:
@@ -122,7 +125,8 @@ def client(gw: Proc) -> Iterator[anthropic.Anthropic]:
 
 
 def cluster(gw: Proc) -> dict[str, Any]:
-    return httpx.get(gw.url + "/cluster", timeout=5).json()
+    view: dict[str, Any] = httpx.get(gw.url + "/cluster", timeout=5).json()
+    return view
 
 
 def access_lines(gw: Proc) -> list[dict[str, Any]]:
@@ -173,14 +177,14 @@ def metric_values(gw: Proc) -> list[Any]:
 
 
 def metric(samples: list[Any], name: str, **labels: str) -> float:
-    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+    return float(sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items()))
 
 
 def prompt_of(usage: anthropic.types.Usage) -> int:
     return usage.input_tokens + (usage.cache_read_input_tokens or 0) + (usage.cache_creation_input_tokens or 0)
 
 
-def user(text: str) -> dict[str, Any]:
+def user(text: str) -> MessageParam:
     return {"role": "user", "content": text}
 
 
@@ -255,7 +259,7 @@ def test_tool_round_trip_in_claude_codes_shape(gw: Proc, client: anthropic.Anthr
 def test_session_turns_are_served_from_the_nodes_cache(gw: Proc, client: anthropic.Anthropic) -> None:
     headers = {"x-claude-code-session-id": "0d7e-real-session-2"}
     system = "You are a coding agent.\n" + sample_text(3000, seed=5)
-    messages: list[dict[str, Any]] = []
+    messages: list[MessageParam] = []
     usages = []
     before = Books.of(gw)
     for turn in range(3):
@@ -279,11 +283,13 @@ def test_session_turns_are_served_from_the_nodes_cache(gw: Proc, client: anthrop
 
 
 def test_an_empty_model_list_leaves_the_node_healthy_and_serving(
-    gw: Proc, nodes: list[RealNode], client: anthropic.Anthropic
+    tiny_model: Path, gw: Proc, nodes: list[RealNode], client: anthropic.Anthropic
 ) -> None:
     for node in nodes:
+        # mlx_lm 0.32.2 without ~/.cache/huggingface/hub: 200 headers, then an empty body (a later release may
+        # list the model; tests/integration/test_close_delimited.py keeps a node that sends the empty body).
         status, headers, body = http_request(node.port, "GET", "/v1/models")
-        assert (status, body) == (200, b""), (headers, body)  # mlx_lm 0.32.2 without ~/.cache/huggingface/hub
+        assert status == 200 and (body == b"" or str(tiny_model) in body.decode()), (headers, body)
     view = {n["id"]: n for n in cluster(gw)["nodes"]}
     assert {n: v["state"] for n, v in view.items()} == {"mac1": "healthy", "mac2": "healthy"}
     assert not any("last_error" in v for v in view.values())
@@ -366,7 +372,7 @@ def busy_node(gw: Proc, timeout: float = 30.0) -> str:
     """The node the gateway's only request in flight is on."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        busy = [n["id"] for n in cluster(gw)["nodes"] if n.get("inflight")]
+        busy = [str(n["id"]) for n in cluster(gw)["nodes"] if n.get("inflight")]
         if busy:
             return busy[0]
         time.sleep(0.02)
@@ -436,8 +442,9 @@ def test_a_node_killed_mid_stream_ends_with_an_error_event(victims: list[RealNod
             if event.type == "content_block_delta" and got.count("content_block_delta") == 3:
                 next(n for n in victims if n.id == busy_node(victim_gw)).kill()
     assert "message_stop" not in got and "message_delta" not in got  # no made-up end_turn
-    assert failed.value.body["type"] == "error"
-    assert failed.value.body["error"]["type"] in ("overloaded_error", "api_error")
+    body = failed.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] in ("overloaded_error", "api_error")
     deadline = time.monotonic() + 10
     while len(access_lines(victim_gw)) == before and time.monotonic() < deadline:
         time.sleep(0.05)

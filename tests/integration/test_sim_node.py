@@ -1,8 +1,13 @@
-"""The simulated mlx_lm.server over real HTTP: endpoints, streaming, prompt cache, tool calls, faults."""
+"""The simulated mlx_lm.server over real HTTP: endpoints, streaming, prompt cache, tool calls, faults.
+
+The sim speaks HTTP/1.0 like mlx_lm.server: these tests read some answers off a raw socket to see the status
+line, the missing lengths and when the server closes.
+"""
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -98,7 +103,7 @@ class Stream:
 
     @property
     def content(self) -> str:
-        return "".join(c["choices"][0]["delta"]["content"] for c in self.chunks if c["choices"])
+        return "".join(c["choices"][0]["delta"].get("content", "") for c in self.chunks if c["choices"])
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -132,6 +137,36 @@ def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
 
+class Raw:
+    """One request on a fresh socket, read until the server closes it (what an HTTP/1.0 client does)."""
+
+    def __init__(self, url: str, method: str, path: str, body: bytes | None = b"", headers: str = "") -> None:
+        host, port = url.removeprefix("http://").split(":")
+        length = "" if body is None else f"Content-Length: {len(body)}\r\n"
+        request = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n{headers}{length}\r\n"
+        data = b""
+        self.done_at = self.closed_at = 0.0
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(request.encode() + (body or b""))
+            while chunk := s.recv(65536):
+                data += chunk
+                if not self.done_at and b"data: [DONE]\n\n" in data:
+                    self.done_at = time.monotonic()
+            self.closed_at = time.monotonic()
+        head, _, self.body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status_line = lines[0]
+        self.status = int(lines[0].split()[1])
+        self.headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def chat_body(**kw: Any) -> bytes:
+    return json.dumps({"messages": [user("hi")], **kw}).encode()
+
+
 # --- endpoints ----------------------------------------------------------------------------------------------
 
 
@@ -153,9 +188,103 @@ def test_models_health_and_not_found(alpha: Node, beta: Node) -> None:
     assert "Invalid JSON" in r.json()["error"]
 
 
-def test_invalid_parameters_close_the_connection(alpha: Node) -> None:
-    with pytest.raises(httpx.RemoteProtocolError):
-        alpha.chat({"messages": [user("hi")], "max_tokens": -1})
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"messages": [user("hi")], "max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"messages": [user("hi")], "max_completion_tokens": -5, "max_tokens": 9}, "max_tokens must be at least 1"),
+        ({"messages": [user("hi")], "max_tokens": "lots"}, "max_tokens must be of type int"),
+        ({"messages": [user("hi")], "stream": "yes"}, "stream must be of type bool"),
+        ({"messages": [user("hi")], "temperature": -1}, "temperature must be at least 0"),
+        ({"messages": [user("hi")], "temperature": "hot"}, "temperature must be of type ('float', 'int')"),
+        ({"messages": [user("hi")], "top_p": 2}, "top_p must be at most 1"),
+        ({"messages": [user("hi")], "top_k": 1.5}, "top_k must be of type int"),
+        ({"messages": [user("hi")], "xtc_probability": 0}, "xtc_probability must be of type float"),
+        ({"messages": [user("hi")], "model": 7}, "requested_model must be of type str"),
+        ({"max_tokens": 3}, "Request did not contain messages"),
+        ({"messages": "hi"}, "'str' object has no attribute 'get'"),
+        ([1], "Request should be a JSON dictionary"),
+    ],
+)
+def test_bad_parameters_get_400_json(alpha: Node, body: Any, error: str) -> None:
+    # mlx_lm.server checks types and ranges before anything else and answers 400 {"error": ...}.
+    r = Raw(alpha.url, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert (r.status, r.json()) == (400, {"error": error})
+    assert "content-length" not in r.headers  # mlx's errors end when the connection closes
+
+
+def test_other_failures_are_404_json(alpha: Node) -> None:
+    r = Raw(alpha.url, "POST", "/v1/chat/completions", json.dumps({"messages": []}).encode())
+    assert (r.status, r.json()) == (
+        404,
+        {"error": "Cannot apply chat template to an empty conversation. Provide at least one message."},
+    )
+    parts = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+    r = Raw(alpha.url, "POST", "/v1/chat/completions", chat_body(messages=[{"role": "user", "content": parts}]))
+    assert (r.status, r.json()) == (404, {"error": "Only 'text' content type is supported."})
+    r = Raw(alpha.url, "POST", "/v1/chat/completions", chat_body(model="claude-opus-4"))
+    assert r.status == 404 and "claude-opus-4" in r.json()["error"]
+    r = Raw(alpha.url, "POST", "/v1/chat/completions", b"{not json")
+    assert r.status == 400 and r.json()["error"].startswith("Invalid JSON in request body: Expecting property name")
+    r = Raw(alpha.url, "POST", "/v1/chat/completions", None, headers="Transfer-Encoding: chunked\r\n")
+    assert (r.status, r.json()) == (411, {"error": "Content-Length header is required"})
+    assert alpha.stats()["completed"] == 0
+
+
+# --- HTTP/1.0, as mlx_lm.server's BaseHTTPRequestHandler ---------------------------------------------------------
+
+
+def test_every_answer_is_http10_and_closes(alpha: Node) -> None:
+    stream = Raw(alpha.url, "POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=3))
+    assert stream.status_line == "HTTP/1.0 200 OK"
+    assert stream.headers["server"].startswith("BaseHTTP/0.6 Python/") and "date" in stream.headers
+    assert stream.headers["content-type"] == "text/event-stream"
+    # No length and no chunked encoding: the body is the bytes until the server closed the socket.
+    assert "content-length" not in stream.headers and "transfer-encoding" not in stream.headers
+    assert stream.body.endswith(b"data: [DONE]\n\n")
+    assert 0 <= stream.closed_at - stream.done_at < 0.5
+    whole = Raw(alpha.url, "POST", "/v1/chat/completions", chat_body(max_tokens=3))
+    assert whole.status_line == "HTTP/1.0 200 OK"
+    assert int(whole.headers["content-length"]) == len(whole.body)  # the one answer mlx gives a length
+    health = Raw(alpha.url, "GET", "/health")
+    assert (health.status_line, health.body, "content-length" in health.headers) == (
+        "HTTP/1.0 200 OK",
+        b'{"status": "ok"}',
+        False,
+    )
+    # httpx reads close-delimited bodies as they are.
+    r = alpha.chat({"messages": [user("hi")], "max_tokens": 2})
+    assert (r.http_version, r.status_code, r.json()["usage"]["completion_tokens"]) == ("HTTP/1.0", 200, 2)
+
+
+def test_head_unknown_methods_and_paths(beta: Node) -> None:
+    head = Raw(beta.url, "HEAD", "/")
+    assert head.status_line == "HTTP/1.0 501 Unsupported method ('HEAD')"
+    assert (head.headers["content-type"], head.body) == ("text/html;charset=utf-8", b"")
+    put = Raw(beta.url, "PUT", "/v1/chat/completions")
+    assert put.status == 501 and b"Unsupported method ('PUT')" in put.body
+    assert int(put.headers["content-length"]) == len(put.body)
+    nope = Raw(beta.url, "GET", "/nope")
+    assert (nope.status_line, nope.body) == ("HTTP/1.0 404 Not Found", b"Not Found")
+    options = Raw(beta.url, "OPTIONS", "/v1/chat/completions")
+    assert (options.status, options.headers["access-control-allow-origin"]) == (204, "*")
+
+
+@pytest.fixture(scope="module")
+def gamma() -> Iterator[Node]:
+    """A node that closes 150 ms after each response and has no model list (mlx 0.32.2 without an HF cache)."""
+    with start("--id", "gamma", "--close-delay-ms", "150", "--empty-models", "--prefill-tps", "0",
+               "--token-delay-ms", "0", name="sim-gamma") as proc, httpx.Client(timeout=5) as http:  # fmt: skip
+        proc.wait_ready()
+        yield Node(proc.url, http)
+
+
+def test_stream_is_complete_at_done_before_the_close(gamma: Node) -> None:
+    r = Raw(gamma.url, "POST", "/v1/chat/completions", chat_body(stream=True, max_tokens=2))
+    assert r.body.endswith(b"data: [DONE]\n\n")
+    assert r.closed_at - r.done_at >= 0.14  # everything arrived; the socket closed a while later
+    models = Raw(gamma.url, "GET", "/v1/models")
+    assert (models.status, models.headers["content-type"], models.body) == (200, "application/json", b"")
 
 
 def test_non_streaming_reply_limits_and_stops(alpha: Node) -> None:
@@ -187,6 +316,29 @@ def test_stream_arrives_token_by_token(alpha: Node) -> None:
     assert first["choices"][0]["delta"]["role"] == "assistant"
     assert len(s.chunks) > 15
     assert s.times[-1] - s.times[0] > 0.1  # ~20 tokens at 10 ms each, not one buffered burst
+    # Each delta has `role` plus only the fields that have something: mlx leaves empty ones out.
+    deltas = [c["choices"][0]["delta"] for c in s.chunks]
+    assert all(d["role"] == "assistant" and all(d[k] for k in d) for d in deltas)
+    assert all(set(d) == {"role", "content"} for d in deltas[:-1])
+    assert (deltas[-1], s.chunks[-1]["choices"][0]["finish_reason"]) == ({"role": "assistant"}, "stop")
+
+
+def test_stream_options_without_include_usage_end_without_done(alpha: Node) -> None:
+    broken = stream_chat(alpha, {"messages": [user("hi")], "max_tokens": 3, "stream_options": {}})
+    assert (broken.status, broken.done, broken.usage, broken.finish_reason) == (200, False, None, "length")
+    plain = stream_chat(alpha, {"messages": [user("hi")], "max_tokens": 3, "stream_options": {"include_usage": False}})
+    assert (plain.done, plain.usage) == (True, None)
+    usage = stream_chat(alpha, {"messages": [user("hi")], "max_tokens": 3, "stream_options": {"include_usage": True}})
+    assert usage.done and usage.chunks[-1]["choices"] == [] and usage.chunks[-1]["object"] == "chat.completion"
+    assert usage.usage is not None and usage.usage["completion_tokens"] == 3
+    assert set(usage.usage["prompt_tokens_details"]) == {"cached_tokens"}
+
+
+def test_non_streaming_message_fields(beta: Node) -> None:
+    r = beta.chat({"messages": [user('/tool Read {"file_path": "/a"}')], "tools": TOOLS}).json()
+    message = r["choices"][0]["message"]
+    assert set(message) == {"role", "content", "tool_calls"}  # no empty "reasoning"
+    assert "index" not in message["tool_calls"][0]  # only streamed calls carry an index
 
 
 def test_second_turn_reads_the_first_from_cache(beta: Node) -> None:
@@ -231,12 +383,23 @@ def test_lru_evicts_when_conversations_outnumber_slots(beta: Node) -> None:
     assert second("one") < 5  # evicted: only the shared first marker tokens match
 
 
-def test_keepalive_comments_during_prefill(beta: Node) -> None:
-    s = stream_chat(beta, {"messages": [user("x" * 4000)], "max_tokens": 2})
+def test_keepalive_comments_follow_prefill_steps(beta: Node) -> None:
+    system = {"role": "system", "content": "You are terse. " * 100}
+    s = stream_chat(beta, {"messages": [system, user("x" * 2000)], "max_tokens": 2})
     total = beta.stats()["prompt_tokens"]
-    steps = [c.removeprefix(": keepalive ") for c in s.comments]
-    assert steps[0] == f"0/{total}" and steps[-1] == f"{total}/{total}"
-    assert len(steps) == 2 + total // 256
+    steps = [c.removeprefix(": keepalive ").split("/") for c in s.comments]
+    assert {int(m) for _, m in steps} == {total}  # N/M: M is what was not cached (everything here)
+    done = [int(n) for n, _ in steps]
+    # Steps of at most --prefill-step-size (256) that stop at the end of the system part; the last prompt
+    # token comes alone at the end, as mlx's batch generator reports it.
+    sys_end = next(n for n in done if n % 256)
+    assert 256 < sys_end < total - 256
+    assert done == [*range(256, sys_end, 256), sys_end, *range(sys_end + 256, total - 1, 256), total - 1, total]
+    # A checkpoint was saved there: another question under the same system prompt reuses exactly that part.
+    other = stream_chat(
+        beta, {"messages": [system, user("y" * 100)], "max_tokens": 2, "stream_options": {"include_usage": True}}
+    )
+    assert other.usage is not None and other.usage["prompt_tokens_details"]["cached_tokens"] == sys_end
 
 
 # --- tool calls ----------------------------------------------------------------------------------------------
@@ -245,7 +408,7 @@ def test_keepalive_comments_during_prefill(beta: Node) -> None:
 def test_tool_directive_makes_one_whole_tool_call(beta: Node) -> None:
     msgs: list[dict[str, Any]] = [user('please /tool Read {"file_path": "/etc/hosts"}')]
     s = stream_chat(beta, {"messages": msgs, "tools": TOOLS})
-    calls = [c for c in s.chunks if c["choices"] and c["choices"][0]["delta"]["tool_calls"]]
+    calls = [c for c in s.chunks if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
     assert len(calls) == 1
     (call,) = calls[0]["choices"][0]["delta"]["tool_calls"]
     assert (call["type"], call["index"], call["function"]["name"]) == ("function", 0, "Read")
@@ -260,6 +423,40 @@ def test_tool_directive_makes_one_whole_tool_call(beta: Node) -> None:
     r = beta.chat({"messages": msgs, "tools": TOOLS}).json()
     assert '"127.0.0.1 localhost"' in r["choices"][0]["message"]["content"]
     assert r["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_tool_turn_keeps_the_previous_entry(beta: Node) -> None:
+    # As with Qwen3-Coder's template on the real server, the assistant's text and its tool call re-render with
+    # a separator the model did not generate: the next turn reuses turn 1's prompt and the reply's text only,
+    # and turn 1's entry is not a prefix of the new one, so the node keeps both.
+    opts = {"tools": TOOLS, "stream_options": {"include_usage": True}}
+    msgs: list[dict[str, Any]] = [user('/tool Read {"file_path": "/etc/hosts"}')]
+    s1 = stream_chat(beta, {"messages": msgs, **opts})
+    (call,) = [tc for c in s1.chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    msgs += [
+        {"role": "assistant", "content": s1.content, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "127.0.0.1 localhost"},
+    ]
+    s2 = stream_chat(beta, {"messages": msgs, **opts})
+    u1, u2 = s1.usage, s2.usage
+    assert u1 is not None and u2 is not None
+    text_tokens = -(-len(s1.content.encode()) // 4)
+    assert u2["prompt_tokens_details"]["cached_tokens"] == u1["prompt_tokens"] + text_tokens
+    entries = beta.stats()["cache_entries"]
+    assert entries == [
+        {"tokens": u1["prompt_tokens"] + u1["completion_tokens"], "kind": "assistant"},
+        {"tokens": u2["prompt_tokens"] + u2["completion_tokens"], "kind": "assistant"},
+    ]
+    # A plain text turn after that extends turn 2's entry, which is replaced: still two entries.
+    msgs += [{"role": "assistant", "content": s2.content}, user("thanks")]
+    s3 = stream_chat(beta, {"messages": msgs, **opts})
+    assert s3.usage is not None
+    assert s3.usage["prompt_tokens_details"]["cached_tokens"] == u2["prompt_tokens"] + u2["completion_tokens"]
+    kept = beta.stats()["cache_entries"]
+    assert [e["tokens"] for e in kept] == [
+        entries[0]["tokens"],
+        s3.usage["prompt_tokens"] + s3.usage["completion_tokens"],
+    ]
 
 
 def test_run_directive_calls_bash(beta: Node) -> None:
@@ -298,11 +495,12 @@ def test_fail_status_rate_and_times(alpha: Node) -> None:
 
 
 def test_cut_stream_without_done(alpha: Node) -> None:
-    alpha.faults(cut_after=3)
+    alpha.faults(cut_after=3)  # "drop": the connection is reset after 3 chunks
     s = Stream()
-    with pytest.raises(httpx.RemoteProtocolError):
+    with pytest.raises(httpx.ReadError):
         stream_chat(alpha, {"messages": [user("hi")]}, out=s)
     assert (len(s.chunks), s.done) == (3, False)
+    # "eof", what mlx does when generation fails mid-stream: over HTTP/1.0 the stream just ends, no [DONE].
     alpha.faults(cut_after=2, cut_mode="eof")
     s = stream_chat(alpha, {"messages": [user("hi")]})
     assert (len(s.chunks), s.done) == (2, False)
@@ -352,7 +550,9 @@ def test_client_disconnect_stops_generation(alpha: Node) -> None:
     wait_for(lambda: alpha.stats()["generating"] == 0, timeout=1.0)  # well before the ~200 ms reply would end
     st = alpha.stats()
     assert (st["completed"], st["disconnects"], st["active"]) == (0, 1, 0)
-    assert st["cache_entries"]  # prompt + the tokens generated so far were kept, as mlx does
+    # Like mlx's batched server, an abandoned request stores nothing at the end: only the checkpoint its
+    # prefill saved (the prompt but its last token) stays.
+    assert st["cache_entries"] == [{"tokens": st["prompt_tokens"] - 1, "kind": "user"}]
 
 
 # --- native Anthropic Messages (--anthropic) ------------------------------------------------------------------

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
 import pytest
 
-from proxy.sim.cache import PromptCache, common_prefix_tokens, is_token_prefix, token_count
-from proxy.sim.model import Conversation, Message, ToolCall, chat_conversation, render_prompt, text_cells
+from proxy.sim.cache import CacheEntry, PromptCache, common_prefix_tokens, is_token_prefix, token_count
+from proxy.sim.engine import prefill_points
+from proxy.sim.model import (
+    Conversation,
+    Message,
+    ToolCall,
+    canonical_json,
+    chat_conversation,
+    prompt_segments,
+    render_prompt,
+    text_cells,
+)
 from proxy.sim.script import Reply, plan_tokens, write_reply
-
-
-def cells(*words: str) -> bytes:
-    """One 4-byte token per word (each word padded to 4 bytes)."""
-    return b"".join(text_cells(w[:4]) for w in words)
 
 
 def toks(n: int, tag: str = "a") -> bytes:
@@ -57,95 +63,183 @@ def test_token_count_and_prefix() -> None:
     assert not is_token_prefix(b"abcdX", b"abcdefgh")
 
 
-# --- LRU rules ----------------------------------------------------------------------------------------------
+# --- LRU rules (mlx_lm.server's LRUPromptCache) --------------------------------------------------------------
+#
+# A letter is one token ("abc" is three). Each case is a list of steps:
+#   ("insert", seq, kind)            store seq (prompt + generated, or a prefill checkpoint)
+#   ("fetch", seq, expected_cached)  look seq up: how many tokens it reuses
+#   ("entries", [seq, ...])          what is stored, least recently inserted first
 
 
-def test_capacity_evicts_least_recently_used() -> None:
-    cache = PromptCache(capacity=2)
-    a, b, c = toks(10, "a"), toks(10, "b"), toks(10, "c")
-    cache.insert(a)
-    cache.insert(b)
-    cache.insert(a)  # re-inserting refreshes a (count 2) ...
-    cache.insert(c)  # ... so b is the one evicted
-    assert len(cache) == 2
-    assert cache.fetch(b + toks(3, "x")) == 0
-    assert cache.fetch(c + toks(3, "x")) == 10
+def seq(letters: str) -> bytes:
+    return b"".join(text_cells(ch) for ch in letters)
 
 
-def test_longest_whole_prefix_wins_and_is_taken_out() -> None:
+Step = tuple[Any, ...]
+
+CACHE_CASES: dict[str, tuple[int, list[Step]]] = {
+    "empty cache": (10, [("fetch", "abc", 0)]),
+    "exact match reuses all but the last token and keeps the entry": (
+        10,
+        [("insert", "abcd", "assistant"), ("fetch", "abcd", 3), ("fetch", "abcd", 3), ("entries", ["abcd"])],
+    ),
+    "identical repeat: the entry is prompt + reply, trimmed to the prompt minus one": (
+        10,
+        [("insert", "abcdXY", "assistant"), ("fetch", "abcd", 3), ("entries", ["abcdXY"])],
+    ),
+    "next turn reuses prompt + reply": (10, [("insert", "abcXY", "assistant"), ("fetch", "abcXYuv", 5)]),
+    "a longer entry is trimmed to the common prefix": (
+        10,
+        [("insert", "abcdef", "assistant"), ("fetch", "abcxyz", 3), ("entries", ["abcdef"])],
+    ),
+    "a stored prefix is reused whole": (10, [("insert", "ab", "user"), ("fetch", "abcd", 2)]),
+    "a one-token entry is no stored prefix, but still a common prefix": (
+        10,
+        [("insert", "a", "assistant"), ("fetch", "abcd", 1)],
+    ),
+    "a deeper common prefix beats a shorter stored prefix": (
+        10,
+        [("insert", "abcdXY", "assistant"), ("insert", "ab", "system"), ("fetch", "abcdef", 4)],
+    ),
+    "a stored prefix as deep as any common prefix is used": (
+        10,
+        [
+            ("insert", "abcd", "user"),
+            ("insert", "abcdXY", "assistant"),
+            ("insert", "abcd", "user"),
+            ("fetch", "abcdQ", 4),
+        ],
+    ),
+    "unrelated prompts share nothing": (10, [("insert", "abc", "assistant"), ("fetch", "xyz", 0)]),
+    "insert deletes the stored prefixes of the new entry": (
+        10,
+        [
+            ("insert", "ab", "system"),
+            ("insert", "abcd", "user"),
+            ("insert", "abx", "assistant"),
+            ("insert", "abcdef", "assistant"),
+            ("entries", ["abx", "abcdef"]),
+        ],
+    ),
+    "insert keeps entries that only share a prefix": (
+        10,
+        [("insert", "abcX", "assistant"), ("insert", "abcY", "assistant"), ("entries", ["abcX", "abcY"])],
+    ),
+    "re-inserting refreshes an entry": (
+        2,
+        [
+            ("insert", "aa", "assistant"),
+            ("insert", "bb", "assistant"),
+            ("insert", "aa", "assistant"),
+            ("insert", "cc", "assistant"),
+            ("entries", ["aa", "cc"]),
+        ],
+    ),
+    "a lookup does not refresh": (
+        2,
+        [
+            ("insert", "aa", "assistant"),
+            ("insert", "bb", "assistant"),
+            ("fetch", "aaX", 2),
+            ("insert", "cc", "assistant"),
+            ("entries", ["bb", "cc"]),
+        ],
+    ),
+    "assistant entries are evicted before checkpoints": (
+        2,
+        [
+            ("insert", "ss", "system"),
+            ("insert", "aa", "assistant"),
+            ("insert", "bb", "assistant"),
+            ("entries", ["ss", "bb"]),
+        ],
+    ),
+    "checkpoints go first when they outnumber assistant entries": (
+        3,
+        [
+            ("insert", "u1", "user"),
+            ("insert", "u2", "user"),
+            ("insert", "aa", "assistant"),
+            ("insert", "ss", "system"),
+            ("entries", ["u2", "aa", "ss"]),
+        ],
+    ),
+    "system checkpoints go last": (
+        2,
+        [("insert", "s1", "system"), ("insert", "s2", "system"), ("insert", "u1", "user"), ("entries", ["s2", "u1"])],
+    ),
+    "capacity counts entries, not conversations": (
+        3,
+        [
+            ("insert", "cA", "assistant"),
+            ("insert", "cB", "assistant"),
+            ("insert", "cAX", "assistant"),
+            ("insert", "cBY", "assistant"),
+            ("insert", "cD", "assistant"),
+            ("entries", ["cAX", "cBY", "cD"]),
+        ],
+    ),
+    "zero capacity stores nothing": (0, [("insert", "abc", "assistant"), ("entries", []), ("fetch", "abcd", 0)]),
+}
+
+
+@pytest.mark.parametrize("case", list(CACHE_CASES), ids=list(CACHE_CASES))
+def test_cache_rules(case: str) -> None:
+    capacity, steps = CACHE_CASES[case]
+    cache = PromptCache(capacity)
+    for step in steps:
+        if step[0] == "insert":
+            cache.insert(seq(step[1]), step[2])
+        elif step[0] == "fetch":
+            assert cache.fetch(seq(step[1])) == step[2], step
+        else:
+            assert [e.tokens for e in cache.entries()] == [len(x) for x in step[1]], step
+            assert cache.sequences() == [seq(x) for x in step[1]], step
+
+
+def test_entries_show_kinds() -> None:
     cache = PromptCache()
-    short, long = toks(8), toks(16)
-    cache.insert(short)
-    cache.insert(long)
-    assert cache.fetch(toks(20)) == 16
-    assert [e.tokens for e in cache.entries()] == [8]
+    cache.insert(seq("ab"), "system")
+    cache.insert(seq("xyz"))
+    assert cache.entries() == [CacheEntry(2, "system"), CacheEntry(3, "assistant")]
 
 
-def test_extending_a_conversation_replaces_its_entry() -> None:
-    cache = PromptCache(capacity=10)
-    turn1 = toks(100)
-    cache.insert(turn1 + toks(5, "g"))  # prompt + generated
-    turn2 = turn1 + toks(5, "g") + toks(50, "u")
-    assert cache.fetch(turn2) == 105
-    assert len(cache) == 0  # taken out while the request runs
-    cache.insert(turn2 + toks(5, "h"))
-    assert [e.tokens for e in cache.entries()] == [160]
+class _FakeKV:
+    """What LRUPromptCache needs of a layer cache: a size and trimming."""
+
+    nbytes = 0
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        return n
 
 
-def test_divergent_prompt_reuses_the_common_prefix_and_leaves_the_entry() -> None:
-    cache = PromptCache(capacity=2)
-    shared = toks(60, "s")
-    cache.insert(shared + toks(10, "x"))
-    cache.insert(toks(5, "q"))
-    assert cache.fetch(shared + toks(10, "y")) == 60
-    assert len(cache) == 2
-    cache.insert(toks(5, "r"))  # the divergent lookup did not refresh the entry: it is evicted first
-    assert cache.fetch(shared + toks(10, "y")) == 0
-
-
-def test_prompt_inside_an_entry_keeps_one_token_to_compute() -> None:
-    cache = PromptCache()
-    cache.insert(toks(30))
-    assert cache.fetch(toks(20)) == 19
-    assert len(cache) == 1
-
-
-def test_exact_match_takes_everything() -> None:
-    cache = PromptCache()
-    cache.insert(toks(12))
-    assert cache.fetch(toks(12)) == 12
-    assert len(cache) == 0
-
-
-def test_shorter_whole_prefix_beats_a_longer_common_prefix() -> None:
-    cache = PromptCache()
-    prompt = toks(40)
-    cache.insert(prompt[: 4 * 10])
-    cache.insert(prompt[: 4 * 30] + toks(5, "z"))
-    assert cache.fetch(prompt) == 10
-
-
-def test_one_token_entry_is_not_a_prefix_hit() -> None:
-    cache = PromptCache()
-    cache.insert(toks(1))
-    cache.insert(toks(3) + toks(3, "z"))
-    assert cache.fetch(toks(6)) == 3  # falls through to the common-prefix rule
-    assert len(cache) == 2
-
-
-def test_duplicate_entries_are_counted() -> None:
-    cache = PromptCache()
-    cache.insert(toks(8))
-    cache.insert(toks(8))
-    assert [(e.tokens, e.count) for e in cache.entries()] == [(8, 2)]
-    assert cache.fetch(toks(10)) == 8
-    assert [(e.tokens, e.count) for e in cache.entries()] == [(8, 1)]
-
-
-def test_zero_capacity_caches_nothing() -> None:
-    cache = PromptCache(capacity=0)
-    cache.insert(toks(8))
-    assert cache.fetch(toks(10)) == 0
+def test_same_answers_as_mlx_lru_prompt_cache() -> None:
+    """Random inserts and lookups on this cache and on mlx_lm's own LRUPromptCache give the same answers."""
+    lru = pytest.importorskip("mlx_lm.models.cache")
+    rng = random.Random(10)
+    for capacity in (1, 3, 6):
+        real = lru.LRUPromptCache(max_size=capacity)
+        sim = PromptCache(capacity)
+        for _ in range(1500):
+            tokens = [rng.choice("abc") for _ in range(rng.randint(1, 7))]
+            cells = seq("".join(tokens))
+            ids = [ord(t) for t in tokens]
+            if rng.random() < 0.5:
+                kind = rng.choice(["assistant", "assistant", "user", "system"])
+                real.insert_cache("m", ids, [_FakeKV()], cache_type=kind)
+                sim.insert(cells, kind)
+                counts = {k: sum(e.kind == k for e in sim.entries()) for k in ("assistant", "user", "system")}
+                assert {k: v["n_sequences"] for k, v in real.stats_by_type().items()} == counts
+            else:
+                _, rest = real.fetch_nearest_cache("m", ids)
+                reused = len(ids) - len(rest)
+                # mlx returns an exact hit whole; its server then has nothing left to prefill. The sim, like the
+                # server's usual path, computes the last token again.
+                expected = len(ids) - 1 if reused == len(ids) else reused
+                assert sim.fetch(cells) == expected, tokens
 
 
 def test_fast_on_20k_token_prompts() -> None:
@@ -159,6 +253,54 @@ def test_fast_on_20k_token_prompts() -> None:
     assert time.perf_counter() - start < 0.5
 
 
+# --- prefill: segments, steps, checkpoints -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("segments", "cached", "step", "expected"),
+    [
+        # Measured on mlx_lm.server 0.32.2 (--prefill-step-size 256): a system + user prompt of 986 tokens,
+        # 1 cached, system part 518 tokens: keepalives 256, 512, 517, 773, 984, 985 of 985.
+        ([("system", 518), ("user", 986)], 1, 256,
+         [(256, None), (512, None), (517, ("system", 518)), (773, None), (984, ("user", 985)), (985, None)]),
+        # The same prompt again: only the last token is computed (keepalive 1/1).
+        ([("system", 518), ("user", 986)], 985, 256, [(1, None)]),
+        # Another question under the same system prompt (605 tokens, 518 cached): 86/87, 87/87.
+        ([("system", 518), ("user", 605)], 518, 256, [(86, ("user", 604)), (87, None)]),
+        # A tool result last: one "assistant" segment (691 tokens, 628 cached): 62/63, 63/63.
+        ([("assistant", 691)], 628, 256, [(62, ("assistant", 690)), (63, None)]),
+        ([("user", 3)], 0, 2048, [(2, ("user", 2)), (3, None)]),
+        ([("user", 1)], 0, 2048, [(1, None)]),
+        ([("assistant", 0)], 0, 2048, []),
+    ],
+)  # fmt: skip
+def test_prefill_points(segments: list[Any], cached: int, step: int, expected: list[Any]) -> None:
+    assert prefill_points(segments, cached, step) == expected
+
+
+def test_prompt_segments() -> None:
+    system, question = {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}
+    conv = _chat([system, question], TOOLS)
+    prompt = render_prompt(conv)
+    ((kind, sys_end), last) = prompt_segments(conv, prompt)
+    assert (kind, last) == ("system", ("user", token_count(prompt)))
+    # The system part ends where the user's text starts (mlx renders the system messages with an empty user
+    # message and finds where that differs from the prompt).
+    head = render_prompt(_chat([system, {"role": "user", "content": ""}], TOOLS), add_generation_prompt=False)
+    assert prompt[: sys_end * 4] == head[: sys_end * 4] and prompt[sys_end * 4 :].startswith(text_cells("hello"))
+    assert prompt_segments(_chat([question]), render_prompt(_chat([question]))) == [
+        ("user", token_count(render_prompt(_chat([question]))))
+    ]
+    tool_last = _chat([question, {"role": "tool", "content": "out"}])
+    assert prompt_segments(tool_last, render_prompt(tool_last)) == [
+        ("assistant", token_count(render_prompt(tool_last)))
+    ]
+    assert prompt_segments(None, text_cells("once upon")) == [("assistant", 3)]
+    # An empty first user message renders like the system-only prefix: mlx then finds no cut.
+    empty = _chat([system, {"role": "user", "content": ""}])
+    assert prompt_segments(empty, render_prompt(empty)) == [("user", token_count(render_prompt(empty)))]
+
+
 # --- what the cache sees: rendering across turns -------------------------------------------------------------
 
 
@@ -169,26 +311,53 @@ def _chat(messages: list[Any], tools: list[Any] | None = None) -> Conversation:
 TOOLS: list[Any] = [{"type": "function", "function": {"name": "Read", "parameters": {"type": "object"}}}]
 
 
-@pytest.mark.parametrize("user", ["hello", "héllo wörld ✓", '/tool Read {"file_path": "/a"}'])
+@pytest.mark.parametrize("user", ["hello", "héllo wörld ✓"])
 def test_next_turn_starts_with_prompt_plus_generated_tokens(user: str) -> None:
     first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": user}]
     conv = _chat(first, TOOLS)
     prompt = render_prompt(conv)
     reply = write_reply(conv, node_id="n", reply_tokens=20, reasoning=False, prompt_tokens=1, cached_tokens=0)
     plan = plan_tokens(reply, max_tokens=512)
-    assistant: dict[str, object] = {"role": "assistant", "content": reply.content}
-    if reply.tool_calls:
-        # A client sends the arguments back in its own key order and spacing: rendering is canonical.
-        assistant["tool_calls"] = [
-            {"id": "1", "type": "function", "function": {"name": c.name, "arguments": '{"file_path": "/a"}'}}
-            for c in reply.tool_calls
-        ]
-    second = [*first, assistant, {"role": "user", "content": "again"}]
+    second = [*first, {"role": "assistant", "content": reply.content}, {"role": "user", "content": "again"}]
     nxt = render_prompt(_chat(second, TOOLS))
     assert nxt.startswith(prompt + plan.cells)
     cache = PromptCache()
     cache.insert(prompt + plan.cells)
     assert cache.fetch(nxt) == token_count(prompt + plan.cells)
+    cache.insert(nxt + toks(5, "r"))
+    assert len(cache) == 1  # the conversation's entry grew
+
+
+def _tool_turn(content: str) -> tuple[bytes, bytes, bytes]:
+    """(turn 1 prompt, what the node generated, turn 2 prompt) for a reply that calls Read."""
+    first = [{"role": "user", "content": '/tool Read {"file_path": "/a"}'}]
+    conv = _chat(first, TOOLS)
+    reply = Reply("", content, (ToolCall("Read", canonical_json({"file_path": "/a"})),))
+    plan = plan_tokens(reply, max_tokens=512)
+    # A client sends the arguments back in its own key order and spacing: rendering is canonical.
+    call = {"id": "1", "type": "function", "function": {"name": "Read", "arguments": '{ "file_path" : "/a" }'}}
+    second = [*first, {"role": "assistant", "content": content, "tool_calls": [call]}]
+    second.append({"role": "tool", "tool_call_id": "1", "content": "data"})
+    return render_prompt(conv), plan.cells, render_prompt(_chat(second, TOOLS))
+
+
+def test_a_tool_call_after_text_re_renders_differently() -> None:
+    # Qwen3-Coder's template writes the text, a blank line, then the call; the model wrote one newline. The
+    # next prompt leaves the generated tokens right after the text, so the old entry is no prefix of the new.
+    prompt, generated, nxt = _tool_turn("Let me read it.")
+    text = token_count(text_cells("Let me read it."))
+    assert common_prefix_tokens(prompt + generated, nxt) == token_count(prompt) + text
+    cache = PromptCache()
+    cache.insert(prompt + generated)
+    assert cache.fetch(nxt) == token_count(prompt) + text
+    cache.insert(nxt + toks(5, "r"))
+    assert len(cache) == 2  # both entries stay
+
+
+def test_a_bare_tool_call_re_renders_the_same() -> None:
+    # With no text before it the call renders as generated (as measured with Qwen3-Coder's template).
+    prompt, generated, nxt = _tool_turn("")
+    assert nxt.startswith(prompt + generated)
 
 
 def test_tools_render_first_and_canonically() -> None:
