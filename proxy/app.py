@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxy import admin
 from proxy.auth import ApiKeyMiddleware
 from proxy.cluster import Cluster
-from proxy.config import Settings, load_settings
+from proxy.config import Settings, load_settings, redact_url
 from proxy.errors import GatewayError, HeadersTooLarge, NotFound, error_body, error_headers
 from proxy.gateway import Gateway
 from proxy.messages import count_tokens, messages
@@ -135,7 +135,7 @@ async def cluster_view(gw: Gateway) -> dict[str, object]:
         view = views.get(node_id)
         entry: dict[str, object] = {
             "id": node_id,
-            "url": node.url,
+            "url": redact_url(node.url),
             "pool": node.pool,
             "model": node.model,
             "protocol": node.protocol,

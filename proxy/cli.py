@@ -59,6 +59,10 @@ def serve(settings: Settings) -> int:
         JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     logging.basicConfig(level=settings.server.log_level.upper(), handlers=[handler])
+    # httpx logs every request at INFO (4 lines a probe round, with node URLs and any credentials in them):
+    # the gateway's own access log and health changes say what matters.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not settings.nodes:
         logging.getLogger("mlxmux").warning("no nodes configured: every request will get 503 until nodes are added")
     warn_if_open(settings.auth, settings.server.host)

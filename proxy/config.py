@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -230,6 +231,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if fnmatch.fnmatchcase(model, pattern):
                 return pool
         return "default"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user:password replaced by `***` (for /cluster and logs)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def parse_node(spec: str) -> NodeConfig:

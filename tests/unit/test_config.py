@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_settings, parse_node
+from proxy.config import ConfigError, load_settings, parse_node, redact_url
 from tests.procs import ROOT
 
 
@@ -87,3 +87,15 @@ def test_cli_bad_config_is_one_line_exit_2(args: list[str]) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mlxmux: error:"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://mac1.local:8080", "http://mac1.local:8080"),
+        ("http://user:secret@mac1.local:8080/v1", "http://***@mac1.local:8080/v1"),
+        ("https://token@gpu-box", "https://***@gpu-box"),
+    ],
+)
+def test_node_url_credentials_are_redacted(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

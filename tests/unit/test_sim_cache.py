@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.sim.cache import CacheEntry, PromptCache, common_prefix_tokens, is_token_prefix, token_count
+from proxy.sim.cache import CacheEntry, EntryKind, PromptCache, common_prefix_tokens, is_token_prefix, token_count
 from proxy.sim.engine import prefill_points
 from proxy.sim.model import (
     Conversation,
@@ -228,7 +228,7 @@ def test_same_answers_as_mlx_lru_prompt_cache() -> None:
             cells = seq("".join(tokens))
             ids = [ord(t) for t in tokens]
             if rng.random() < 0.5:
-                kind = rng.choice(["assistant", "assistant", "user", "system"])
+                kind: EntryKind = rng.choice(["assistant", "assistant", "user", "system"])
                 real.insert_cache("m", ids, [_FakeKV()], cache_type=kind)
                 sim.insert(cells, kind)
                 counts = {k: sum(e.kind == k for e in sim.entries()) for k in ("assistant", "user", "system")}
