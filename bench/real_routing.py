@@ -19,8 +19,8 @@ holds every conversation (`--prompt-cache-size 1000`). It is what perfect placem
 allows: a node holding everything reuses, on every turn, the longest prefix any placement could have kept
 (the session's own previous prompt + reply, or the tools and system prompt every session shares). The
 computed figure "each session alone" (the previous turn's prompt + reply per turn, no sharing between
-sessions) is printed beside it, as is a capacity-limited reference (only nodes x cache sessions keep their
-conversation, the rest reuse the shared prefix): a reference, not a bound.
+sessions) is printed beside it. Neither accounts for the bounded caches: with fewer cache entries than
+sessions no placement reaches them.
 
 For the cache-aware runs the gateways' JSON access logs (node, reason, prompt and cached tokens of every
 request) and GET /cluster (the router's per-node belief: predicted vs reported cached tokens) show whether
@@ -58,7 +58,7 @@ from tests.procs import Proc, gateway, redis_server
 from tests.realnode import build_tiny_model, free_port, start_mlx_server, stop_server, wait_ready
 from tests.team import _user_turn
 
-TOOLS = 2  # of Claude Code's 24 tools (~1.2k tokens each with the tiny model's tokenizer)
+TOOLS = 2  # of Claude Code's 24 tools (~1.2k tokens each with the tiny model's tokenizer); --tools sets it
 SYSTEM_WORDS = 400  # of the ~1000-word system prompt
 REPLY_TOKENS = 64  # max_tokens: the tiny model always runs to it
 BOUND_CACHE = 1000  # --prompt-cache-size of the bound's single node: holds every conversation
@@ -415,33 +415,23 @@ def belief(cluster: dict[str, Any]) -> tuple[float | None, float | None, list[st
     return predicted / prompt, reported / prompt, lines
 
 
-def computed_bounds(run: RunResult, sessions: int, nodes: int, cache: int) -> tuple[float, float, int, int]:
-    """From the bound run's own answers: (each session alone with an unbounded cache, the packing reference,
-    shared-prefix tokens, sessions the packing keeps). Alone: turn t reuses min(prompt_t, prompt_{t-1} +
-    reply_{t-1}), turn 1 nothing. Packing reference: `cache` sessions on each of all nodes but one keep their
-    conversation as alone; the rest (the overflow, all on one node, whose LRU they thrash) reuse on every turn
-    only the prefix all sessions share; every first turn but one per node reuses that prefix. A model of the
-    workload (full thrash, equal think times), not a bound."""
+def computed_alone(run: RunResult) -> tuple[float, int]:
+    """From the bound run's own answers: (the cached share if each session ran alone on its own node with an
+    unbounded cache, shared-prefix tokens). Alone: turn t reuses min(prompt_t, prompt_{t-1} + reply_{t-1}),
+    turn 1 nothing (no other session to share the tools and system prompt with)."""
     by_session: dict[str, list[TurnResult]] = {}
     for t in run.turns:
         by_session.setdefault(t.session, []).append(t)
     first_hits = [t.cached for t in run.turns if t.turn == 1 and t.cached > 0 and not t.error]
     shared = min(first_hits) if first_hits else 0
-    total = alone = only_shared = 0
+    total = alone = 0
     for seq in by_session.values():
         seq.sort(key=lambda t: t.turn)
         for prev, cur in zip([None, *seq], seq, strict=False):
             total += cur.prompt
             if prev is not None and not prev.error and not cur.error:
                 alone += min(cur.prompt, prev.prompt + prev.reply)
-                only_shared += min(cur.prompt, shared)
-    keep = sessions if sessions <= nodes * cache else (nodes - 1) * cache
-    if not total:
-        return 0.0, 0.0, shared, keep
-    kept = keep / max(1, sessions)
-    first_turns = max(0, sessions - nodes) * shared  # the first session on each node starts cold
-    packing = (kept * alone + (1 - kept) * only_shared + first_turns) / total
-    return alone / total, packing, shared, keep
+    return (alone / total if total else 0.0), shared
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -454,7 +444,7 @@ def verdict(ok: bool) -> str:
 def report(runs: list[RunResult], args: argparse.Namespace, file_lines: int) -> None:
     bound_run = runs[0]
     slots = args.nodes * args.cache
-    alone, packing, shared, keep = computed_bounds(bound_run, args.sessions, args.nodes, args.cache)
+    alone, shared = computed_alone(bound_run)
     prompts = [t.prompt for t in bound_run.turns if t.prompt]
     print(
         f"\nworkload: {args.sessions} concurrent Claude-Code-shaped sessions x {args.turns} turns (think "
@@ -474,11 +464,6 @@ def report(runs: list[RunResult], args: argparse.Namespace, file_lines: int) -> 
             f"{len(mv.split):>7}{len(run.errors):>8}{run.seconds:>8.1f}  {requests_per_node(run.access)}"
         )
     print(f"{'computed: each session alone, unbounded':<40}{alone:>13.3f}")
-    print(
-        f"{'reference: best packing, ' + str(keep) + ' keep theirs':<40}{packing:>13.3f}  (a model, not a bound: "
-        f"{args.cache} sessions on each node but one, the overflow thrashing the last)"
-    )
-
     bound = bound_run.cached_share
     details: dict[str, tuple[Moves, EvictedHits, float | None, float | None]] = {}
     for run in runs[1:]:
@@ -564,10 +549,12 @@ def main() -> None:
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--think", type=float, help="mean seconds between a session's answer and its next turn")
     p.add_argument("--file-lines", type=int, default=30, help="lines of the file each turn adds")
+    p.add_argument("--tools", type=int, default=TOOLS, help="of Claude Code's 24 tools (24: its real ~64 KB prefix)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dump", help="write each run's answers, access log lines and /cluster to this directory")
     p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "mlxmux-tiny-qwen3"))
     args = p.parse_args()
+    globals()["TOOLS"] = args.tools
     for k, v in (QUICK if args.quick else DEFAULT).items():
         if getattr(args, k) is None:
             setattr(args, k, v)

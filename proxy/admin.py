@@ -9,6 +9,11 @@
 
 With `server.admin_token` (MLXMUX_ADMIN_TOKEN) set, every call needs `Authorization: Bearer <token>`;
 without it, only clients on the gateway's own machine (loopback) may call.
+
+Changes go to the shared store (registry, health records), from which every replica takes them within
+a health interval. While the store is unreachable a change is still accepted: it applies on this
+replica at once and is written to the store when it is back; the answer then says `"shared": false`.
+Each replica remembers what it last saw and writes it back if the store loses its data.
 """
 
 from __future__ import annotations
@@ -64,16 +69,17 @@ async def add_node(request: Request) -> Response:
         raise InvalidRequest(f"not a node: {exc}") from None
     if urlsplit(node.url).scheme not in ("http", "https"):
         raise InvalidRequest(f"node url must be http(s)://host:port, not {node.url!r}")
-    await gw.membership.add(node)
-    return JSONResponse({"added": node.id, "url": node.url, "state": str(gw.cluster.states.get(node.id, ""))})
+    shared = await gw.membership.add(node)
+    state = str(gw.cluster.states.get(node.id, ""))
+    return JSONResponse({"added": node.id, "url": node.url, "state": state, "shared": shared})
 
 
 async def remove_node(request: Request) -> Response:
     gw = _authorize(request)
     node_id = request.path_params["node_id"]
     _known(gw, node_id)
-    await gw.membership.remove(node_id)
-    return JSONResponse({"removed": node_id})
+    shared = await gw.membership.remove(node_id)
+    return JSONResponse({"removed": node_id, "shared": shared})
 
 
 async def drain(request: Request) -> Response:
@@ -89,7 +95,8 @@ async def _drain(request: Request, draining: bool) -> Response:
     node_id = request.path_params["node_id"]
     _known(gw, node_id)
     record = await gw.health.set_draining(node_id, draining)
-    return JSONResponse({"node": node_id, "draining": record.draining, "state": str(record.state)})
+    body = {"node": node_id, "draining": record.draining, "state": str(record.state), "shared": gw.health.shared}
+    return JSONResponse(body)
 
 
 async def sessions(request: Request) -> Response:

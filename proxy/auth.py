@@ -9,7 +9,9 @@ configuration may hold `sha256:<hex>` instead of the key.
 With `auth.max_concurrent_per_key` > 0, each POST /v1/messages holds one of its key's slots from
 before routing until the response has been sent in full (for a stream: until it ends or the client
 leaves). Slots are leases in the shared store, counted across replicas; a key at its limit gets 429
-`rate_limit_error` with `Retry-After`.
+`rate_limit_error` with `Retry-After`. POST /v1/messages/count_tokens is limited the same way (its body
+may be as large, and decoding it costs as much memory), from a pool of its own of the same size, so
+counting tokens never makes a key's generation wait or fail.
 """
 
 from __future__ import annotations
@@ -76,9 +78,26 @@ def needs_key(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
+COUNT_TOKENS_POOL = ":count_tokens"
+"""Suffix of a key's name for its count_tokens slots (`mlxmux:key:{name}:count_tokens:inflight`)."""
+
+
+def slot_pool(method: str, path: str) -> str | None:
+    """Whose slots a request takes, as a suffix of the key's name: "" (generation), COUNT_TOKENS_POOL,
+    or None (no slot: /v1/models is cheap)."""
+    if method != "POST":
+        return None
+    path = path.rstrip("/")
+    if path == "/v1/messages":
+        return ""
+    if path == "/v1/messages/count_tokens":
+        return COUNT_TOKENS_POOL
+    return None
+
+
 def takes_slot(method: str, path: str) -> bool:
-    """Only generation counts against fair share; count_tokens and /v1/models are cheap."""
-    return method == "POST" and path.rstrip("/") == "/v1/messages"
+    """Generation and count_tokens (whose bodies are as large) count against fair share; /v1/models does not."""
+    return slot_pool(method, path) is not None
 
 
 def is_loopback(host: str) -> bool:
@@ -118,14 +137,16 @@ class ApiKeyMiddleware:
         if name is None:
             raise AuthenticationFailed("invalid x-api-key (or Authorization: Bearer token) for this gateway")
         limit = self.auth.max_concurrent_per_key
-        if limit <= 0 or not takes_slot(scope["method"], scope["path"]):
+        pool = slot_pool(scope["method"], scope["path"])
+        if limit <= 0 or pool is None:
             await self.app(scope, receive, send)
             return
         gw: Gateway = scope["app"].state.gateway
-        slot = await gw.acquire_slot(name, limit)
+        slot = await gw.acquire_slot(name + pool, limit)
         if slot is None:
+            what = "count_tokens request(s)" if pool else "request(s)"
             raise RateLimited(
-                f"API key {name!r} already has {limit} request(s) in flight (auth.max_concurrent_per_key)",
+                f"API key {name!r} already has {limit} {what} in flight (auth.max_concurrent_per_key)",
                 retry_after=self.auth.retry_after_s,
             )
         try:

@@ -51,13 +51,12 @@ def serve(settings: Settings) -> int:
 
     from proxy.app import build_app
     from proxy.auth import warn_if_open
-    from proxy.logs import JsonFormatter
+    from proxy.logs import JsonFormatter, RedactingFormatter
 
     json_logs = settings.server.log_format == "json"
     handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    )
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler.setFormatter(RedactingFormatter(JsonFormatter() if json_logs else text))  # no URL credentials
     logging.basicConfig(level=settings.server.log_level.upper(), handlers=[handler])
     # httpx logs every request at INFO (4 lines a probe round, with node URLs and any credentials in them):
     # the gateway's own access log and health changes say what matters.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -88,6 +89,13 @@ class TimeoutConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Silence allowed before the node's first token: a cold 30k-token prefill on a Mac takes minutes."""
     between_chunks_s: float = 120.0
     """Silence allowed once tokens flow (node keepalive comments count as sound)."""
+    stream_deadline_s: float = 1800.0
+    """Longest a request (streaming or not, all its attempts) may take from its arrival, however busy the
+    node looks: a node dribbling bytes or keepalives forever fails as a node timeout. 0 = no deadline."""
+
+    def __post_init__(self) -> None:
+        if self.stream_deadline_s < 0:
+            raise ValueError("timeouts stream_deadline_s must not be negative (0 = no deadline)")
 
 
 class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -242,6 +250,15 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
+# The user:password@ of a URL inside any text, up to its last `@` before the path (a raw `@` may sit in a password).
+_USERINFO = re.compile(r"(?<=://)[^/?#\s\"\\<>]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with the user:password of every URL in it replaced by `***` (error messages, log lines)."""
+    return _USERINFO.sub("***@", text) if "://" in text and "@" in text else text
+
+
 def parse_node(spec: str) -> NodeConfig:
     """`URL` or `ID=URL` (as given to --node / MLXMUX_NODES)."""
     spec = spec.strip()
@@ -255,11 +272,11 @@ def normalize_node(node: NodeConfig) -> NodeConfig:
     """Check a node's URL and limits; strip a trailing /v1; default its id to host:port."""
     parts = urlsplit(node.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"node url {node.url!r} is not an http(s) URL (expected e.g. http://mac1:8080)")
+        raise ConfigError(f"node url {redact_url(node.url)!r} is not an http(s) URL (expected e.g. http://mac1:8080)")
     try:
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"node url {node.url!r}: {exc}") from None
+        raise ConfigError(f"node url {redact_url(node.url)!r}: {exc}") from None
     url = node.url.rstrip("/")
     if url.endswith("/v1"):
         url = url[: -len("/v1")]
@@ -331,6 +348,7 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_DISCOVERY_NAMESPACE": ("discovery", "namespace"),
     "MLXMUX_REDIS_URL": (None, "redis_url"),
     "MLXMUX_MAX_CONCURRENT_PER_KEY": ("auth", "max_concurrent_per_key"),
+    "MLXMUX_STREAM_DEADLINE_S": ("timeouts", "stream_deadline_s"),
 }
 
 

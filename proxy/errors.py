@@ -3,6 +3,7 @@
     GatewayError                      status  error.type
     ├── InvalidRequest                400     invalid_request_error   (bad JSON, bad schema, node 4xx)
     │   └── BodyTimeout               400     invalid_request_error   (the body did not arrive in time)
+    ├── ClientDisconnected            499     client_cancel           (the client hung up mid-upload: never answered)
     ├── AuthenticationFailed          401     authentication_error
     ├── PermissionDenied              403     permission_error
     ├── NotFound                      404     not_found_error
@@ -43,6 +44,16 @@ class InvalidRequest(GatewayError):
 
 
 class BodyTimeout(InvalidRequest):
+    close_connection = True
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before its request body was complete. Nobody reads the answer; the access
+    line says `client_cancel` and no traceback is logged."""
+
+    status = 499
+    type = "client_cancel"
+    retryable = False
     close_connection = True
 
 

@@ -10,14 +10,26 @@ transitions of `state.health`; every replica copies the records into its `Cluste
 the hot path reads without I/O.
 
 Without the shared store (Redis down) the same runs against the replica's local memory store:
-each replica then probes every node itself.
+each replica then probes every node itself. The local store starts from the records this replica
+last saw (drains included), and drains asked for meanwhile are written to the shared store when it
+is back (`pending_drains`).
+
+The store losing its data (a Redis restart without persistence, FLUSHALL) changes nothing a client
+sees: a node whose shared record vanished keeps, in this replica's view, the record it last had (it
+was healthy a second ago; probes decide from there, not from `initializing`, which is unroutable),
+and the next round writes that record back, by compare-and-set on version 0, so only the first
+replica to do it writes and the others read its record. The replicas also notice the loss itself
+through the store's epoch (`Store.epoch`), and then re-assert the drains they last saw even where a
+replica that knows nothing (one started after the loss) has already written a fresh record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 
@@ -73,6 +85,14 @@ class HealthMonitor:
         self.policy = policy_of(config)
         self.replica_id = replica_id
         self.records: dict[str, NodeHealth] = {}
+        """Every node's record as this replica last saw it; kept when the store loses it, and written back."""
+        self.drains: dict[str, bool] = {}
+        """The drain flag of each node as last read from the shared store (or set here): the operator's
+        intent, re-asserted when the store lost its data."""
+        self.pending_drains: dict[str, bool] = {}
+        """Drains and undrains asked for while the shared store was unreachable, written when it is back."""
+        self.epoch: str | None = None
+        """The shared store's epoch as last seen; another one means the store lost its data since."""
         self.shared = True
         """False while the shared store is unreachable (health is then kept per replica)."""
         self.on_store_error: Callable[[], object] = lambda: None
@@ -110,17 +130,57 @@ class HealthMonitor:
             await self._round(self.store, everyone)
             self._set_shared(True)
         except StateUnavailable:
-            self._set_shared(False)
+            await self._go_local()
             await self._round(self.local, everyone)
 
     async def _round(self, store: Store, everyone: bool = False) -> None:
-        records = await store.health()
+        records = await (self._reassert() if store is self.store else store.health())
         now = now_ms()
         ttl_ms = max(1, int(self.config.interval_s * 1000) - 50)
         due = [n for n in list(self.cluster.nodes) if probe_due(records.get(n, NodeHealth()), now)]
         claimed = [n for n in due if everyone or await store.claim_probe(n, self.replica_id, ttl_ms)]
         await asyncio.gather(*(self._probe_and_record(store, n, records.get(n, NodeHealth())) for n in claimed))
         self._apply(await store.health())
+
+    async def _reassert(self) -> dict[str, NodeHealth]:
+        """Start of a shared round: write back what the store lost, and drains asked for while it was
+        unreachable; then remember the drains it holds. Returns the shared records."""
+        epoch = await self.store.epoch(secrets.token_hex(8))
+        lost = self.epoch is not None and epoch != self.epoch
+        if lost:
+            log.warning("the shared store lost its data: writing back the drains and node health this replica knows")
+        records = await self.store.health()
+        written = []
+        for node_id in list(self.cluster.nodes):
+            drain = self.pending_drains.get(node_id)
+            if drain is None and lost and self.drains.get(node_id):
+                drain = True
+            if drain is not None:
+                await self._change(self.store, node_id, functools.partial(set_draining, draining=drain))
+                self.pending_drains.pop(node_id, None)
+            elif node_id not in records and self.records.get(node_id, NodeHealth()).version > 0:
+                await self._change(self.store, node_id, lambda h: h)  # written back as last seen
+            else:
+                continue
+            written.append(node_id)
+        if written:
+            log.info("node health re-asserted in the shared store for %s", ", ".join(written))
+            records = await self.store.health()
+        self.drains.update({node_id: record.draining for node_id, record in records.items()})
+        self.epoch = epoch
+        return records
+
+    async def _go_local(self) -> None:
+        """The shared store is unreachable: keep health in the local store, which starts from the records
+        this replica last saw (not from nothing, where every node is `initializing` and drains are lost,
+        nor from what it held in an earlier outage)."""
+        if self.shared:
+            held = await self.local.health()
+            for node_id, record in self.records.items():
+                old = held.get(node_id)
+                version = old.version if old is not None else 0
+                await self.local.cas_health(node_id, msgspec.structs.replace(record, version=version))
+        self._set_shared(False)
 
     async def _probe_and_record(self, store: Store, node_id: str, record: NodeHealth) -> None:
         if record.breaker == Breaker.OPEN:
@@ -135,17 +195,29 @@ class HealthMonitor:
         """Apply `change` to the node's shared record by compare-and-set, retrying on conflicts."""
         record = NodeHealth()
         for _ in range(CAS_ATTEMPTS):
-            record = (await store.health()).get(node_id, NodeHealth())
+            stored = (await store.health()).get(node_id)
+            record = stored if stored is not None else self._remembered(node_id)
             new = change(record)
-            if new == record:
+            if new == record and (stored is not None or record == NodeHealth()):
                 break
+            if node_id not in self.cluster.nodes:
+                break  # removed meanwhile: write nothing back
             if await store.cas_health(node_id, new):
                 record = msgspec.structs.replace(new, version=new.version + 1)
                 self._log_change(node_id, self.records.get(node_id), record)
                 break
-        self.records[node_id] = record
+        if record.version > 0 or node_id not in self.records:  # a failed write-back keeps the memory
+            self.records[node_id] = record
         self._apply_one(node_id, record)
         return record
+
+    def _remembered(self, node_id: str) -> NodeHealth:
+        """The record to start from when the store has none: the one this replica last saw (the store lost
+        it; version 0, so that only the first replica to write it back does), else a new node's."""
+        known = self.records.get(node_id)
+        if known is None or known.version == 0:
+            return NodeHealth()
+        return msgspec.structs.replace(known, version=0, draining=self.drains.get(node_id, known.draining))
 
     async def change(self, node_id: str, change: Callable[[NodeHealth], NodeHealth]) -> NodeHealth:
         try:
@@ -153,7 +225,7 @@ class HealthMonitor:
             self._set_shared(True)
             return record
         except StateUnavailable:
-            self._set_shared(False)
+            await self._go_local()
             return await self._change(self.local, node_id, change)
 
     async def report_request(self, node_id: str, failure: NodeFailure | None, ttft_ms: float = 0.0) -> None:
@@ -178,13 +250,26 @@ class HealthMonitor:
         await self.change(node_id, lambda h: on_request(h, kind, message, self.policy, now_ms(), random.random()))
 
     async def set_draining(self, node_id: str, draining: bool) -> NodeHealth:
-        return await self.change(node_id, lambda h: set_draining(h, draining))
+        """Drain or undrain a node on every replica. With the shared store unreachable, this replica
+        drains it now and writes the flag to the shared record when the store is back (`shared` False)."""
+        self.drains[node_id] = draining
+        record = await self.change(node_id, lambda h: set_draining(h, draining))
+        if self.shared:
+            self.pending_drains.pop(node_id, None)
+        else:
+            self.pending_drains[node_id] = draining
+        return record
 
     # -- the local view ----------------------------------------------------------------------------
 
     def _apply(self, records: dict[str, NodeHealth]) -> None:
+        for gone in [n for n in self.records if n not in self.cluster.nodes]:
+            del self.records[gone]
+            self.drains.pop(gone, None)
+            self.pending_drains.pop(gone, None)
         for node_id in list(self.cluster.nodes):
-            record = records.get(node_id, NodeHealth())
+            # A record the store lost keeps its last state here (the next round writes it back).
+            record = records.get(node_id, self.records.get(node_id, NodeHealth()))
             self._log_change(node_id, self.records.get(node_id), record)
             self.records[node_id] = record
             self._apply_one(node_id, record)

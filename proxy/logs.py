@@ -16,6 +16,8 @@ from typing import Literal
 
 import msgspec
 
+from proxy.config import redact_credentials
+
 access_log = logging.getLogger("mlxmux.access")
 
 SessionIds = Literal["hash", "plain", "off"]
@@ -82,6 +84,18 @@ def log_access(record: RequestRecord, status: int | str, session_ids: SessionIds
 
 
 _encode = msgspec.json.Encoder(enc_hook=str).encode
+
+
+class RedactingFormatter(logging.Formatter):
+    """Wraps the handler's formatter: the user:password of any URL in a finished line (message, arguments,
+    traceback) becomes `***`, whoever logged it (node URLs carry credentials: `http://user:pass@mac1:8080`)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_credentials(self.inner.format(record))
 
 
 class JsonFormatter(logging.Formatter):

@@ -11,6 +11,12 @@ Added nodes start `initializing` and take no traffic until a health probe (`GET 
 `GET /v1/models`) has passed. A node that leaves the set is dropped from the local view, and its
 bindings, prefix entries and health record are dropped from the store, so its sessions move at
 their next turn.
+
+Operator intent survives the store losing its data (a Redis restart without persistence, FLUSHALL):
+each replica remembers the registry it last saw, and every sync writes back the entries the store no
+longer has (`Store.restore_registry`, HSETNX: an entry present, perhaps newer, is never overwritten).
+A change made while the store is unreachable is applied on this replica at once and written to the
+shared registry when the store is back (`pending`).
 """
 
 from __future__ import annotations
@@ -61,20 +67,28 @@ class Membership:
         self.static = static
         self.discovery = discovery
         self.registry: dict[str, RegistryEntry] = {}
+        """The registry as this replica last saw it (or wrote it): the operator's intent, written back to
+        the store when the store lost it."""
+        self.pending: dict[str, RegistryEntry] = {}
+        """Registry changes made while the shared store was unreachable, written when it is back."""
         self.discovery_interval_s = 10.0
         self._next_discovery = 0.0
 
     async def sync(self) -> None:
         """Bring the local node set in line with the sources; drop what left from the store."""
         try:
+            await self._write_pending()
             raw = await self.store.registry()
-            registry = {}
-            for node_id, data in raw.items():
-                try:
-                    registry[node_id] = _entry.decode(data)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    log.warning("ignoring a registry entry for %s that is not valid", node_id)
-            self.registry = registry
+            lost = {node_id: entry for node_id, entry in self.registry.items() if node_id not in raw}
+            if lost:
+                await self.store.restore_registry({node_id: encode_entry(e) for node_id, e in lost.items()})
+                log.warning(
+                    "the shared registry lost %d entries (%s): written back as this replica last saw them",
+                    len(lost),
+                    ", ".join(sorted(lost)),
+                )
+                raw = await self.store.registry()
+            self.registry = _decode(raw)
         except StateUnavailable:
             pass  # keep the last registry seen
         discovered: list[NodeConfig] = []
@@ -99,15 +113,46 @@ class Membership:
                 self.cluster.add(node)
                 log.info("node %s added (%s): initializing until a probe passes", node_id, node.url)
 
-    async def add(self, node: NodeConfig) -> None:
-        """Add (or replace) a node on every replica."""
-        await self.store.register_node(node.id, encode_entry(RegistryEntry(node=node)))
-        self.registry[node.id] = RegistryEntry(node=node)
-        await self.sync()
+    async def add(self, node: NodeConfig) -> bool:
+        """Add (or replace) a node on every replica. False if the shared store is unreachable: the node is
+        added here now, and on the other replicas once the store is back and this replica has written it."""
+        return await self._register(node.id, RegistryEntry(node=node))
 
-    async def remove(self, node_id: str) -> None:
-        """Remove a node on every replica, with its bindings and prefix entries."""
-        await self.store.register_node(node_id, encode_entry(RegistryEntry(removed=True)))
-        self.registry[node_id] = RegistryEntry(removed=True)
-        await self.store.remove_node(node_id)
+    async def remove(self, node_id: str) -> bool:
+        """Remove a node on every replica, with its bindings and prefix entries (False: as for `add`)."""
+        return await self._register(node_id, RegistryEntry(removed=True))
+
+    async def _register(self, node_id: str, entry: RegistryEntry) -> bool:
+        self.registry[node_id] = entry
+        self.pending[node_id] = entry
+        try:
+            await self._write_pending()
+            shared = True
+        except StateUnavailable:
+            log.warning(
+                "shared store unreachable: node %s changed on this replica only, for now; the change goes to the"
+                " shared registry when the store is back",
+                node_id,
+            )
+            shared = False
         await self.sync()
+        return shared
+
+    async def _write_pending(self) -> None:
+        """Write the changes made while the store was unreachable (HSET: the operator's latest word wins)."""
+        for node_id, entry in list(self.pending.items()):
+            await self.store.register_node(node_id, encode_entry(entry))
+            if entry.removed:
+                await self.store.remove_node(node_id)
+            if self.pending.get(node_id) == entry:
+                del self.pending[node_id]
+
+
+def _decode(raw: dict[str, bytes]) -> dict[str, RegistryEntry]:
+    registry = {}
+    for node_id, data in raw.items():
+        try:
+            registry[node_id] = _entry.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("ignoring a registry entry for %s that is not valid", node_id)
+    return registry

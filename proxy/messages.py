@@ -12,15 +12,24 @@ import time
 import uuid
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from proxy.answers import from_chat_completion
 from proxy.config import ServerConfig
-from proxy.errors import BodyTimeout, GatewayError, InvalidRequest, RequestTooLarge
+from proxy.errors import BodyTimeout, ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge
 from proxy.gateway import Gateway
 from proxy.logs import RequestRecord
-from proxy.relay import Attempt, Prepared, RelayResponse, end_request, native_usage, with_failover
+from proxy.relay import (
+    Attempt,
+    Prepared,
+    RelayResponse,
+    deadline_failure,
+    end_request,
+    native_usage,
+    request_deadline,
+    with_failover,
+)
 from proxy.translate import (
     encode_chat_request,
     estimate_tokens,
@@ -44,7 +53,8 @@ _json = msgspec.json.Encoder()
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The request body, refusing (413) as soon as it is known to exceed `limit` bytes, and (400) when
-    it has not all arrived within `timeout` seconds: uvicorn itself waits for a trickling body forever."""
+    it has not all arrived within `timeout` seconds: uvicorn itself waits for a trickling body forever.
+    A client that hangs up before its body is complete raises ClientDisconnected (`client_cancel`)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
@@ -59,6 +69,8 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise BodyTimeout(f"request body not received within {timeout:g}s ({size} bytes arrived)") from None
+    except ClientDisconnect:
+        raise ClientDisconnected(f"the client hung up after {size} bytes of its request body") from None
     return b"".join(chunks)
 
 
@@ -155,6 +167,9 @@ async def messages(request: Request) -> Response | RelayResponse:
         response = await complete(gw, prep)
         status = response.status_code
         return response
+    except ClientDisconnected:
+        status = "client_cancel"
+        raise
     except GatewayError as exc:
         status = exc.status
         raise
@@ -167,18 +182,26 @@ async def messages(request: Request) -> Response | RelayResponse:
 
 
 async def complete(gw: Gateway, prep: Prepared) -> Response:
-    """A non-streaming request: one whole answer from the first node that gives one."""
+    """A non-streaming request: one whole answer from the first node that gives one, each within
+    `timeouts.first_byte_s`, all before the request's deadline (`timeouts.stream_deadline_s`)."""
+    deadline = request_deadline(gw, prep)
 
     async def answer(attempt: Attempt) -> Response:
         node_id = attempt.decision.node_id
         path, body = upstream_request(gw, prep, node_id)
-        data = await gw.cluster.clients[node_id].post(
-            path,
-            body,
-            timeout=gw.settings.timeouts.first_byte_s,
-            headers=prep.upstream_headers,
-            max_bytes=gw.settings.server.max_answer_bytes,
-        )
+        limit = gw.settings.timeouts.first_byte_s
+        try:
+            data = await gw.cluster.clients[node_id].post(
+                path,
+                body,
+                timeout=max(0.0, min(limit, deadline - time.monotonic())),
+                headers=prep.upstream_headers,
+                max_bytes=gw.settings.server.max_answer_bytes,
+            )
+        except NodeFailure as failure:
+            if failure.kind == "timeout" and time.monotonic() >= deadline:
+                raise deadline_failure(gw, node_id) from None
+            raise
         if gw.cluster.nodes[node_id].protocol == "anthropic":
             native = _native_answer(data, prep, node_id, attempt)
             await attempt.succeed()
@@ -196,7 +219,7 @@ async def complete(gw: Gateway, prep: Prepared) -> Response:
         await attempt.succeed()
         return Response(_json.encode(result), media_type="application/json")
 
-    return await with_failover(gw, prep, answer)
+    return await with_failover(gw, prep, answer, stop=lambda: time.monotonic() >= deadline)
 
 
 def _stops(body: MessagesRequest) -> list[str]:

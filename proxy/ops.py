@@ -191,12 +191,17 @@ def _nodes(args: argparse.Namespace) -> int:
             data = _call(client, url, "POST", "/admin/nodes", body)
             print(f"added {data['added']} ({data['url']}) on every replica; it takes traffic once a probe passes")
         elif action == "remove":
-            _call(client, url, "DELETE", f"/admin/nodes/{args.node_id}")
+            data = _call(client, url, "DELETE", f"/admin/nodes/{args.node_id}")
             print(f"removed {args.node_id} on every replica; its sessions move at their next turn")
         else:
             data = _call(client, url, "POST", f"/admin/nodes/{args.node_id}/{action}")
             done = "draining: no new requests, in-flight ones finish" if data["draining"] else "taking requests again"
             print(f"{args.node_id}: {done} (state {data['state']})")
+        if data.get("shared") is False:
+            print(
+                f"note: {url} cannot reach the shared store: the change applies on that replica now and on the others"
+                " once the store is back (that replica writes it then)"
+            )
     return 0
 
 

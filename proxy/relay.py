@@ -11,6 +11,9 @@ Timeline of one streaming request:
   5. the node finished (chat: `[DONE]` or a finish_reason; native: message_stop) → the success is booked,
      then the last events go out and the node's connection is closed, without waiting for an HTTP/1.0
      node (mlx_lm.server) to close its socket.
+The whole request, all attempts included, must be over by its deadline (`timeouts.stream_deadline_s` after
+it arrived): a node still streaming then (dribbling bytes, keepalives forever) fails as a node timeout
+and the stream ends with an `error` event; nothing is retried.
 The client disconnecting cancels the relay, which closes the upstream response at once — unless the
 answer was already finished (step 5): a client hanging up after the last byte cancels nothing.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -125,6 +129,7 @@ class Attempt:
             completion_tokens=self.completion_tokens if ok else 0,
             cache_slots=node.cache_slots if node is not None else 10,
             reported=ok and self.prompt_tokens > 0,
+            seen_tick=self.decision.cache_tick,
         )
 
     async def succeed(self) -> None:
@@ -267,6 +272,22 @@ POOL_RETRY_AFTER_S = 2
 """Retry-After (seconds) when the gateway's connections to the nodes are all busy."""
 
 
+def request_deadline(gw: Gateway, prep: Prepared) -> float:
+    """When the request must be over (time.monotonic()), all attempts included: `timeouts.stream_deadline_s`
+    after it arrived; inf without a deadline."""
+    limit = gw.settings.timeouts.stream_deadline_s
+    return prep.received + limit if limit > 0 else math.inf
+
+
+def deadline_failure(gw: Gateway, node_id: str) -> NodeFailure:
+    """A node still busy with the answer when the request's deadline passed: a node timeout."""
+    limit = gw.settings.timeouts.stream_deadline_s
+    return NodeFailure(
+        "timeout",
+        f"node {node_id} did not finish the answer within the request deadline of {limit:g}s (timeouts.stream_deadline_s)",
+    )
+
+
 def end_request(gw: Gateway, record: RequestRecord, status: int | str) -> None:
     """A /v1/messages request is over: its access line, and the count of a request that reached no node."""
     if not record.attempts:
@@ -309,13 +330,21 @@ class RelayResponse:
         self.error_sent = False
         """An `error` event already went out (a native node's own): no second one."""
         self._booking: asyncio.Future[None] | None = None
+        self.deadline = request_deadline(gw, prep)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
         relay = asyncio.ensure_future(self._run())
         watch = asyncio.ensure_future(_wait_disconnect(receive))
+        # Past the deadline the relay ends the stream itself (a node timeout); this backstop only stops one
+        # stuck writing to a client that reads nothing, which is then that client's cancel.
+        backstop = self.deadline + FINISH_GRACE_S - time.monotonic()
         try:
-            await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {relay, watch},
+                timeout=None if math.isinf(backstop) else max(0.0, backstop),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if self.finishing and not relay.done():
                 # The answer is complete; the client (or uvicorn, once the last byte is out) reported the
                 # hang-up first. Let the relay end its own way: it only writes the tail and closes the node.
@@ -403,18 +432,22 @@ class RelayResponse:
         """Await `task` (opening a node's response), starting the response after accept_wait_s (the
         pinger then keeps the client hearing from us).
 
-        Raises NodeFailure('timeout') if the node stays silent for `limit` seconds after `since`.
+        Raises NodeFailure('timeout') if the node stays silent for `limit` seconds after `since`, or
+        the request's deadline passes first.
         """
         accept_at = self.prep.received + self.settings.server.accept_wait_s
+        give_up = min(since + limit, self.deadline)
         while True:
-            wake = since + limit if self.headers_sent else min(accept_at, since + limit)
+            wake = give_up if self.headers_sent else min(accept_at, give_up)
             done, _ = await asyncio.wait({task}, timeout=max(0.0, wake - time.monotonic()))
             if done:
                 return task.result()
-            if time.monotonic() >= since + limit:
+            if time.monotonic() >= give_up:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+                if give_up == self.deadline:
+                    raise deadline_failure(self.gw, node_id)
                 raise NodeFailure("timeout", f"node {node_id} sent nothing for {limit:g}s")
             if not self.headers_sent:
                 await self._start()
@@ -424,13 +457,17 @@ class RelayResponse:
     async def _run(self) -> None:
         try:
             # Once content has reached the client nothing is retried: the stream ends with an error event.
-            await with_failover(self.gw, self.prep, self._attempt, stop=lambda: self.content_sent)
+            # Nor once the deadline has passed.
+            await with_failover(self.gw, self.prep, self._attempt, stop=self._no_more_attempts)
             self.status = 200
         except GatewayError as exc:
             await self._error(exc)
         except Exception:
             log.exception("relay failed for request %s", self.prep.request_id)
             await self._error(UpstreamError("internal error while relaying the stream"))
+
+    def _no_more_attempts(self) -> bool:
+        return self.content_sent or time.monotonic() >= self.deadline
 
     async def _attempt(self, attempt: Attempt) -> None:
         node_id = attempt.decision.node_id
@@ -477,17 +514,22 @@ class RelayResponse:
             await stream.release()
 
     async def _chunks(self, stream: NodeStream, attempt: Attempt) -> AsyncIterator[bytes]:
-        """Yield the node's bytes, enforcing silence limits (the pinger speaks to the client meanwhile)."""
+        """Yield the node's bytes, enforcing silence limits and the request's deadline (the pinger speaks to
+        the client meanwhile): a node dribbling bytes or keepalives cannot hold the request forever."""
         timeouts = self.settings.timeouts
         since = attempt.started
         loop = asyncio.get_running_loop()
+        node_id = attempt.decision.node_id
         while True:
             limit = timeouts.between_chunks_s if self.content_sent else timeouts.first_byte_s
+            give_up = min(since + limit, self.deadline)
             try:
-                async with asyncio.timeout_at(loop.time() + (since + limit - time.monotonic())):
+                async with asyncio.timeout_at(loop.time() + (give_up - time.monotonic())):
                     chunk = await stream.next_chunk()
             except TimeoutError:
-                raise NodeFailure("timeout", f"node {attempt.decision.node_id} sent nothing for {limit:g}s") from None
+                if give_up == self.deadline:
+                    raise deadline_failure(self.gw, node_id) from None
+                raise NodeFailure("timeout", f"node {node_id} sent nothing for {limit:g}s") from None
             if not chunk:
                 return
             since = time.monotonic()

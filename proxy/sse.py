@@ -9,7 +9,6 @@ during prefill) come out at once as their own message, so the relay can tell the
 
 from __future__ import annotations
 
-import codecs
 import typing
 
 import msgspec
@@ -28,56 +27,69 @@ class SSEMessage(msgspec.Struct, frozen=True):
 
 
 class SSEDecoder:
+    """Incremental decoder. Work and memory are linear in the bytes fed, however long a line runs: the
+    bytes of an unfinished line are appended to one buffer (never re-copied per chunk), line ends are
+    searched for in the new bytes only, and each line is decoded once, when it ends. `\r` and `\n` never
+    occur inside a UTF-8 sequence, so splitting bytes first is the same as splitting text."""
+
     def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._line = ""  # an unfinished line
+        self._line = bytearray()  # the bytes of an unfinished line
         self._after_cr = False  # the last chunk ended in \r: a leading \n now belongs to it
         self._first = True
         self._event: str | None = None
         self._data: list[str] = []
         self._data_size = 0
+        self.scanned = 0
+        """Bytes searched or copied so far: at most twice what was fed (each byte is searched once in its
+        chunk and copied once more when its line ends)."""
 
     @property
     def pending(self) -> int:
-        """Characters held for an event not yet dispatched (a caller bounds what a peer can make it hold)."""
+        """Bytes and characters held for an event not yet dispatched (a caller bounds what a peer can make it hold)."""
         return len(self._line) + self._data_size
 
     def feed(self, data: bytes) -> list[SSEMessage]:
-        text = self._utf8.decode(data)
-        if not text:
+        if not data:
             return []
-        if self._first:
-            self._first = False
-            if text[0] == "\ufeff":
-                text = text[1:]
+        self.scanned += len(data)
         if self._after_cr:
             self._after_cr = False
-            if text[:1] == "\n":
-                text = text[1:]
-        if "\r" in text:
-            self._after_cr = text[-1] == "\r"
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if "\n" not in text:
-            self._line += text
+            if data[:1] == b"\n":
+                data = data[1:]
+        if b"\r" in data:
+            self._after_cr = data[-1:] == b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in data:  # the line goes on
+            self._line += data
             return []
-        lines = text.split("\n")
-        lines[0] = self._line + lines[0]
-        self._line = lines.pop()
+        lines: list[bytes | bytearray] = list(data.split(b"\n"))
+        tail = lines.pop()
+        if self._line:
+            self._line += lines[0]
+            self.scanned += len(self._line)
+            lines[0], self._line = self._line, bytearray()
+        self._line += tail
         out: list[SSEMessage] = []
         for line in lines:
-            self._take(line, out)
+            self._take(self._text(line), out)
         return out
 
     def flush(self) -> list[SSEMessage]:
         """End of stream: the last line and event count even without their final blank line."""
         out: list[SSEMessage] = []
-        tail = self._line + self._utf8.decode(b"", final=True)
-        self._line = ""
+        tail, self._line = self._line, bytearray()
         if tail:
-            for line in tail.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-                self._take(line, out)
+            self._take(self._text(tail), out)
         self._take("", out)
         return out
+
+    def _text(self, line: bytes | bytearray) -> str:
+        text = line.decode("utf-8", "replace")
+        if self._first:
+            self._first = False
+            if text[:1] == "\ufeff":
+                text = text[1:]
+        return text
 
     def _take(self, line: str, out: list[SSEMessage]) -> None:
         if not line:

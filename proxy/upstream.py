@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import httpx
 import msgspec
 
-from proxy.config import NodeConfig, TimeoutConfig
+from proxy.config import NodeConfig, TimeoutConfig, redact_credentials
 
 NODE_KINDS = frozenset({"connect", "timeout", "http_5xx", "stream_cut", "protocol"})
 """Failure kinds the node caused: only these count against its health."""
@@ -47,9 +47,13 @@ _LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 
 
 class NodeFailure(Exception):
-    """A request was not served on a node. `kind` says what happened and whose fault it was (module doc)."""
+    """A request was not served on a node. `kind` says what happened and whose fault it was (module doc).
+
+    The message goes to clients, logs and the node's health record (`last_error`, /cluster): any
+    user:password of a URL in it (an httpx error, a node's error page) is replaced by `***`."""
 
     def __init__(self, kind: str, message: str, *, status: int | None = None) -> None:
+        message = redact_credentials(message)
         super().__init__(message)
         self.kind = kind
         self.message = message

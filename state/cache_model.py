@@ -20,8 +20,10 @@ predict (at routing time, on the chosen node)
     bound on blocks applies at once. A prompt already stored is left as it is.
 
 report (after the answer, from the node's `cached_tokens` c)
-    Let `best` be the other entry sharing the most leading blocks with the prompt and `predicted` the
-    tokens the router expected the node to reuse from it. If c falls short of `predicted` by more than a
+    Let `best` be the confirmed entry (one an answer had reported by the time this request was routed;
+    entries in flight then were not on the node for its lookup) sharing the most leading blocks with the
+    prompt and `predicted` the tokens the router
+    expected the node to reuse from it. If c falls short of `predicted` by more than a
     twentieth (at least 8 tokens), the node had evicted it (a *miss*): every entry sharing more than the
     k blocks the node really reused is cut back to k; if `best` was the most recent entry, the node lost
     its whole cache (a restart) and every other entry is dropped, else its LRU rank r says the node holds
@@ -29,7 +31,8 @@ report (after the answer, from the node's `cached_tokens` c)
     capacity grow back by one, up to the configured `cache_slots`. Then entries wholly inside the reused
     part whose tokens were all reused are gone (the node's new entry extends them); those reused only in
     part stay beside it (after a tool call the template re-renders the call, so mlx_lm keeps both). The
-    prompt's own entry now holds prompt + reply tokens and is the most recent.
+    prompt's own entry now holds prompt + reply tokens and is the most recent; beyond the capacity the
+    least recently used confirmed entries go (entries in flight take no slot).
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class CacheEntry(msgspec.Struct):
     """Tokens of the node's entry (prompt + reply) once an answer reported them; 0 while pending."""
     used: int
     """When it was last routed or reported, on the node's own tick (the LRU order; ties broken by tip)."""
+    since: int = 0
+    """The tick at which an answer first confirmed it (0 while pending): a request routed before then
+    could not have reused it, the node had not stored it yet."""
 
 
 class CacheCounters(msgspec.Struct, frozen=True):
@@ -85,6 +91,9 @@ class CacheReport(msgspec.Struct, frozen=True):
     reported: bool = True
     """False when the answer carried no usage (or the request failed): nothing to learn but that a failed
     request stored nothing."""
+    seen_tick: int | None = None
+    """The node's tick when the request was routed (`Decision.cache_tick`): only entries confirmed by then
+    were on the node for its lookup. None: every confirmed entry."""
 
 
 def common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
@@ -164,18 +173,18 @@ class NodeCache:
 
     # -- changing --------------------------------------------------------------------------------
 
-    def predict(self, blocks: Sequence[str], now: int, max_blocks: int) -> None:
-        """The node was chosen for this prompt: it will store it (module docstring, predict)."""
+    def predict(self, blocks: Sequence[str], now: int, max_blocks: int) -> int:
+        """The node was chosen for this prompt: it will store it (module docstring, predict). Returns the
+        node's tick, for the request's report (`CacheReport.seen_tick`)."""
         self.touched = now
-        if not blocks:
-            return
-        if blocks[-1] in self.entries:
-            return  # a repeat: its report will say whether the node still holds it (and refresh it then)
+        if not blocks or blocks[-1] in self.entries:
+            return self.tick  # a repeat: its report will say whether the node still holds it
         self.tick += 1
         self._add(tuple(blocks), 0, self.tick)
         # Only the block bound applies now: the node stores (and evicts) once it has answered, and the
         # report applies the entry capacity then; until then the entries in flight are at most the leases.
-        self._evict(len(self.entries), max_blocks)
+        self._evict(None, max_blocks)
+        return self.tick
 
     def report(self, report: CacheReport, now: int, block_size: int, max_blocks: int) -> None:
         """The node answered this prompt and reported `cached_tokens` (module docstring, report)."""
@@ -183,8 +192,12 @@ class NodeCache:
         blocks = report.blocks
         cached = report.cached_tokens
         tip = blocks[-1] if blocks else ""
-        # every entry but this request's own pending one (a repeat of a confirmed entry competes too)
-        others = [t for t in self._lru() if t != tip or self.entries[t].tokens > 0]
+        # what the node held when this request arrived: confirmed entries only (pending ones are requests in
+        # flight, stored only when they finish; a confirmed repeat of this very prompt counts)
+        seen = report.seen_tick
+        others = [
+            t for t in self._lru() if self.entries[t].tokens > 0 and (seen is None or self.entries[t].since <= seen)
+        ]
         best, best_common = "", 0
         for t in others:  # most recent wins a tie: later in the LRU order
             c = common_prefix(self.entries[t].blocks, blocks)
@@ -223,6 +236,8 @@ class NodeCache:
             if tip not in self.entries:
                 self._add(tuple(blocks), 0, self.tick)
             entry = self.entries[tip]
+            if entry.tokens == 0:
+                entry.since = self.tick
             entry.tokens = report.prompt_tokens + report.completion_tokens
             entry.used = self.tick
         self._evict(self.effective_capacity(slots), max_blocks)
@@ -248,7 +263,7 @@ class NodeCache:
                 continue
             cut = next((i for i, b in enumerate(entry.blocks) if b in gone), None)
             if cut is not None:
-                self._truncate(t, cut, 0)
+                self._truncate(t, cut, 1)  # still confirmed; its size is unknown
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -282,14 +297,20 @@ class NodeCache:
             return
         del self.entries[tip]
         self._unref(entry.blocks[keep:])
-        self.entries[entry.blocks[keep - 1]] = CacheEntry(entry.blocks[:keep], tokens, entry.used)
+        self.entries[entry.blocks[keep - 1]] = CacheEntry(entry.blocks[:keep], tokens, entry.used, entry.since)
 
-    def _evict(self, capacity: int, max_blocks: int) -> None:
-        order = self._lru()
-        i = 0
-        while i < len(order) and (len(self.entries) > capacity or len(self.refs) > max_blocks):
-            self._remove(order[i])
-            i += 1
+    def _evict(self, capacity: int | None, max_blocks: int) -> None:
+        """Least recently used first: confirmed entries beyond `capacity` (entries in flight take no slot on
+        the node: it stores them when they finish, dropping the older entry they extend), then any entry
+        while more than `max_blocks` blocks are held."""
+        for t in self._lru():
+            entry = self.entries[t]
+            over_capacity = capacity is not None and entry.tokens > 0 and self._confirmed() > capacity
+            if over_capacity or len(self.refs) > max_blocks:
+                self._remove(t)
+
+    def _confirmed(self) -> int:
+        return sum(1 for e in self.entries.values() if e.tokens > 0)
 
 
 def belief_view(cache: CacheCounters, cache_slots: int | None) -> dict[str, object]:

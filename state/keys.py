@@ -6,7 +6,7 @@ All keys start with the configured prefix (`mlxmux:` by default):
     {prefix}node:{node}:sessions       ZSET    "{pool}:{session}" -> binding expiry ms (counts bound sessions)
     {prefix}node:{node}:leases         ZSET    lease id -> lease expiry ms (counts in-flight requests)
     {prefix}node:{node}:lru            ZSET    entry tip block -> last used ms (the model of the node's prompt cache)
-    {prefix}node:{node}:entries        HASH    entry tip block -> "<tokens>:<n>:,<block>,…,<block>," (its blocks)
+    {prefix}node:{node}:entries        HASH    entry tip block -> "<tokens>:<n>:<since>:,<block>,…," (its blocks)
     {prefix}node:{node}:refs           HASH    block hash -> entries holding it (the blocks the node holds)
     {prefix}node:{node}:cache          HASH    learned capacity and belief-vs-report counters
     {prefix}node:{node}:stats          HASH    outcome counters and token totals
@@ -16,6 +16,8 @@ All keys start with the configured prefix (`mlxmux:` by default):
     {prefix}node-health                HASH    node id -> health record (JSON, state.health.NodeHealth)
     {prefix}probe:{node}               STRING  replica probing the node this interval (TTL: the interval)
     {prefix}registry                   HASH    node id -> node added at run time (JSON), or a removal mark
+    {prefix}epoch                      STRING  a token set once by the first replica to find none: a new one
+                                               means the store lost its data (replicas then re-assert intent)
     {prefix}key:{name}:inflight        ZSET    lease id -> expiry ms: a team API key's requests in flight
 
 `{pool}` has `%` and `:` percent-escaped, so `{pool}:{session}` splits unambiguously at its first colon.
@@ -32,6 +34,7 @@ RR = "rr:"
 NODE_HEALTH = "node-health"
 PROBE = "probe:"
 REGISTRY = "registry"
+EPOCH = "epoch"
 KEY = "key:"
 INFLIGHT = "inflight"
 
@@ -104,6 +107,10 @@ def probe_key(prefix: str, node_id: str) -> str:
 
 def registry_key(prefix: str) -> str:
     return f"{prefix}{REGISTRY}"
+
+
+def epoch_key(prefix: str) -> str:
+    return f"{prefix}{EPOCH}"
 
 
 def key_inflight_key(prefix: str, key_name: str) -> str:

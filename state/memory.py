@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
@@ -85,6 +85,7 @@ class MemoryStore:
         self._health: dict[str, NodeHealth] = {}
         self._probes: dict[str, tuple[str, int]] = {}
         self._registry: dict[str, bytes] = {}
+        self._epoch: str | None = None
         self._slots: dict[str, dict[str, int]] = {}
         """team key name -> lease id -> expiry ms"""
         self._last_sweep = clock()
@@ -129,8 +130,7 @@ class MemoryStore:
             self._node_sessions.setdefault(node, {})[key] = expiry
         lease_id = request.lease_id or secrets.token_hex(8)
         self._leases.setdefault(node, {})[lease_id] = now + request.lease_ttl_ms
-        if blocks:
-            self._cache(node).predict(blocks, now, self.limits.max_blocks_per_node)
+        tick = self._cache(node).predict(blocks, now, self.limits.max_blocks_per_node) if blocks else 0
         return Decision(
             node_id=node,
             reason=choice.reason,
@@ -138,6 +138,7 @@ class MemoryStore:
             total_blocks=len(request.blocks),
             lease=Lease(node, lease_id),
             bound=choice.bind,
+            cache_tick=tick,
         )
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:
@@ -177,11 +178,15 @@ class MemoryStore:
             if held is not None and lease.lease_id in held:
                 held[lease.lease_id] = expiry
 
-    async def acquire_slot(self, key_name: str, lease_id: str, limit: int, ttl_ms: int) -> bool:
+    async def acquire_slot(
+        self, key_name: str, lease_id: str, limit: int, ttl_ms: int, release: Sequence[str] = ()
+    ) -> bool:
         now = self._clock()
         held = self._slots.setdefault(key_name, {})
         for expired in [lease for lease, expiry in held.items() if expiry <= now]:
             del held[expired]
+        for given_back in release:
+            held.pop(given_back, None)
         if lease_id not in held and len(held) >= limit:
             return False
         held[lease_id] = now + ttl_ms
@@ -193,6 +198,12 @@ class MemoryStore:
             held.pop(lease_id, None)
             if not held:
                 del self._slots[key_name]
+
+    async def release(self, leases: Sequence[Lease], slots: Sequence[tuple[str, str]] = ()) -> None:
+        for lease in leases:
+            self._leases.get(lease.node_id, {}).pop(lease.lease_id, None)
+        for slot in slots:
+            await self.release_slot(*slot)
 
     async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl_ms: int) -> None:
         expiry = self._clock() + ttl_ms
@@ -247,6 +258,15 @@ class MemoryStore:
 
     async def register_node(self, node_id: str, data: bytes) -> None:
         self._registry[node_id] = data
+
+    async def restore_registry(self, entries: Mapping[str, bytes]) -> None:
+        for node_id, data in entries.items():
+            self._registry.setdefault(node_id, data)
+
+    async def epoch(self, candidate: str) -> str:
+        if self._epoch is None:
+            self._epoch = candidate
+        return self._epoch
 
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
         now = self._clock()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -46,6 +46,7 @@ SCRIPTS = (
     "finish",
     "renew",
     "acquire_slot",
+    "release",
     "forget_prefix",
     "unbind",
     "remove_node",
@@ -139,7 +140,7 @@ class RedisStore:
             args += [c.node_id, c.max_concurrency, c.cache_slots, rendezvous_rank(key, c.node_id)]
         args += [len(request.latency_order), *request.latency_order, len(request.blocks), *request.blocks]
         session_key = keys.session_key(self.prefix, request.pool, request.session or "")
-        node, reason, matched, total, bound = await self._run(
+        node, reason, matched, total, bound, tick = await self._run(
             "route", [session_key, keys.rr_key(self.prefix, request.pool)], args
         )
         return Decision(
@@ -149,6 +150,7 @@ class RedisStore:
             total_blocks=int(total),
             lease=Lease(node, lease_id),
             bound=bool(bound),
+            cache_tick=int(tick),
         )
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:
@@ -189,6 +191,7 @@ class RedisStore:
             limits.block_size,
             limits.max_blocks_per_node,
             limits.prefix_ttl_ms,
+            "" if report.seen_tick is None else report.seen_tick,
             len(blocks),
             *blocks,
         ]
@@ -202,13 +205,23 @@ class RedisStore:
             [ttl_ms, *(lease.lease_id for lease in leases)],
         )
 
-    async def acquire_slot(self, key_name: str, lease_id: str, limit: int, ttl_ms: int) -> bool:
+    async def acquire_slot(
+        self, key_name: str, lease_id: str, limit: int, ttl_ms: int, release: Sequence[str] = ()
+    ) -> bool:
         key = keys.key_inflight_key(self.prefix, key_name)
-        return bool(await self._run("acquire_slot", [key], [lease_id, limit, ttl_ms]))
+        return bool(await self._run("acquire_slot", [key], [lease_id, limit, ttl_ms, *release]))
 
     async def release_slot(self, key_name: str, lease_id: str) -> None:
         with _unavailable("release_slot"):
             await self.client.zrem(keys.key_inflight_key(self.prefix, key_name), lease_id)
+
+    async def release(self, leases: Sequence[Lease], slots: Sequence[tuple[str, str]] = ()) -> None:
+        if not leases and not slots:
+            return
+        zsets = [keys.node_key(self.prefix, lease.node_id, keys.LEASES) for lease in leases]
+        zsets += [keys.key_inflight_key(self.prefix, key_name) for key_name, _ in slots]
+        ids = [lease.lease_id for lease in leases] + [lease_id for _, lease_id in slots]
+        await self._run("release", zsets, ids)
 
     async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl_ms: int) -> None:
         if not slots:
@@ -262,6 +275,25 @@ class RedisStore:
     async def register_node(self, node_id: str, data: bytes) -> None:
         with _unavailable("register_node"):
             await self.client.hset(keys.registry_key(self.prefix), node_id, data.decode())
+
+    async def restore_registry(self, entries: Mapping[str, bytes]) -> None:
+        if not entries:
+            return
+        key = keys.registry_key(self.prefix)
+        with _unavailable("restore_registry"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for node_id, data in entries.items():
+                    pipe.hsetnx(key, node_id, data.decode())
+                await pipe.execute()
+
+    async def epoch(self, candidate: str) -> str:
+        key = keys.epoch_key(self.prefix)
+        with _unavailable("epoch"):
+            async with self.client.pipeline(transaction=False) as pipe:  # one round trip
+                pipe.set(key, candidate, nx=True)
+                pipe.get(key)
+                _, current = await pipe.execute()
+        return candidate if current is None else str(current)
 
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
         if not node_ids:

@@ -8,7 +8,7 @@ Backends raise `state.errors.StateUnavailable` when their storage cannot be reac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from state.health import NodeHealth
@@ -46,10 +46,13 @@ class Store(Protocol):
         """
         ...
 
-    async def acquire_slot(self, key_name: str, lease_id: str, limit: int, ttl_ms: int) -> bool:
+    async def acquire_slot(
+        self, key_name: str, lease_id: str, limit: int, ttl_ms: int, release: Sequence[str] = ()
+    ) -> bool:
         """Take one of a team key's `limit` concurrent-request slots, shared by every replica (fair share).
 
-        Atomically: drop the key's expired slots; if fewer than `limit` are live, hold `lease_id` until
+        Atomically: drop the key's expired slots and the ids in `release` (the caller's slots of this key
+        whose release it could not send earlier); if fewer than `limit` are live, hold `lease_id` until
         now + ttl_ms and return True, else return False. Acquiring a lease id already held only pushes
         back its expiry (True).
         """
@@ -57,6 +60,13 @@ class Store(Protocol):
 
     async def release_slot(self, key_name: str, lease_id: str) -> None:
         """Give a slot back. Releasing one twice, or one that expired, is harmless."""
+        ...
+
+    async def release(self, leases: Sequence[Lease], slots: Sequence[tuple[str, str]] = ()) -> None:
+        """Give back in-flight leases and team-key slots (key name, lease id) by id, recording no outcome,
+        in one round trip: how a replica makes good a call that timed out (it may still have run) or a
+        release it skipped while the store was unreachable. Ids not held (never taken, released,
+        expired) are ignored."""
         ...
 
     async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl_ms: int) -> None:
@@ -97,6 +107,17 @@ class Store(Protocol):
 
     async def register_node(self, node_id: str, data: bytes) -> None:
         """Record (or replace) a registry entry."""
+        ...
+
+    async def restore_registry(self, entries: Mapping[str, bytes]) -> None:
+        """Write back registry entries that are missing, leaving those present as they are (HSETNX each):
+        a replica re-asserting the node changes it last saw, after the store lost its data."""
+        ...
+
+    async def epoch(self, candidate: str) -> str:
+        """The store's epoch: a token set once, by the first caller that finds none (to `candidate`), and
+        returned to every caller after. It changes only when the store lost its data (a Redis restart
+        without persistence, FLUSHALL), which is how replicas notice that they must re-assert what they know."""
         ...
 
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:

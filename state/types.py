@@ -104,6 +104,8 @@ class Decision(msgspec.Struct, frozen=True):
     lease: Lease
     bound: bool
     """True when the session is (now) bound to node_id."""
+    cache_tick: int = 0
+    """The chosen node's cache-model tick at routing (goes back with the answer's CacheReport)."""
 
 
 class Outcome(msgspec.Struct, frozen=True):

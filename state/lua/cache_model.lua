@@ -2,7 +2,7 @@
 -- (same rules, same order of steps; tests/contract checks both agree). Prepended to the scripts that
 -- use it, after the key prelude. Keys of a node {n}, built from the prefix:
 --   {P}node:{n}:lru      ZSET  entry tip block -> last use, on the node's tick (least recent first; ties by tip)
---   {P}node:{n}:entries  HASH  entry tip block -> "<tokens>:<n blocks>:,<block>,…,<block>,"
+--   {P}node:{n}:entries  HASH  entry tip block -> "<tokens>:<n blocks>:<since>:,<block>,…,<block>,"
 --   {P}node:{n}:refs     HASH  block -> entries holding it (held blocks are closed under prefixes)
 --   {P}node:{n}:cache    HASH  capacity (learned, 0 = cache_slots), tick, and belief-vs-report counters
 
@@ -26,15 +26,18 @@ local function idiv(a, b)
   return q
 end
 
-local function cm_encode(tokens, blocks, n)
-  return int(tokens) .. ":" .. int(n) .. ":," .. table.concat(blocks, ",", 1, n) .. ","
+-- since: the tick at which an answer first confirmed the entry (0 while pending)
+local function cm_encode(tokens, blocks, n, since)
+  return int(tokens) .. ":" .. int(n) .. ":" .. int(since) .. ":," .. table.concat(blocks, ",", 1, n) .. ","
 end
 
--- tokens, n blocks, ",b1,…,bn,"
+-- tokens, n blocks, ",b1,…,bn,", since
 local function cm_decode(v)
   local a = string.find(v, ":", 1, true)
   local b = string.find(v, ":", a + 1, true)
-  return tonumber(string.sub(v, 1, a - 1)), tonumber(string.sub(v, a + 1, b - 1)), string.sub(v, b + 1)
+  local c = string.find(v, ":", b + 1, true)
+  return tonumber(string.sub(v, 1, a - 1)), tonumber(string.sub(v, a + 1, b - 1)), string.sub(v, c + 1),
+    tonumber(string.sub(v, b + 1, c - 1))
 end
 
 local function cm_list(body)
@@ -76,7 +79,7 @@ local function cm_unref(k, list, from)
 end
 
 local function cm_add(k, blocks, n, tokens, used)
-  redis.call("HSET", k.entries, blocks[n], cm_encode(tokens, blocks, n))
+  redis.call("HSET", k.entries, blocks[n], cm_encode(tokens, blocks, n, 0))
   redis.call("ZADD", k.lru, int(used), blocks[n])
   for i = 1, n do redis.call("HINCRBY", k.refs, blocks[i], 1) end
 end
@@ -95,7 +98,7 @@ end
 local function cm_truncate(k, tip, keep, tokens, prefix)
   local v = redis.call("HGET", k.entries, tip)
   if not v then return end
-  local _, n, body = cm_decode(v)
+  local _, n, body, since = cm_decode(v)
   if keep >= n then return end
   if keep <= 0 or redis.call("HEXISTS", k.entries, prefix[keep]) == 1 then
     cm_remove(k, tip)
@@ -105,15 +108,30 @@ local function cm_truncate(k, tip, keep, tokens, prefix)
   cm_unref(k, cm_list(body), keep + 1)
   redis.call("HDEL", k.entries, tip)
   redis.call("ZREM", k.lru, tip)
-  redis.call("HSET", k.entries, prefix[keep], cm_encode(tokens, prefix, keep))
+  redis.call("HSET", k.entries, prefix[keep], cm_encode(tokens, prefix, keep, since))
   redis.call("ZADD", k.lru, used, prefix[keep])
 end
 
+local function cm_tokens(v)
+  return tonumber(string.sub(v, 1, string.find(v, ":", 1, true) - 1))
+end
+
+-- least recently used first: confirmed entries beyond `capacity` (nil: no capacity check; entries in
+-- flight take no slot), then any entry while more than `max_blocks` blocks are held
 local function cm_evict(k, capacity, max_blocks)
-  while true do
-    local count = redis.call("ZCARD", k.lru)
-    if count == 0 or (count <= capacity and redis.call("HLEN", k.refs) <= max_blocks) then return end
-    cm_remove(k, redis.call("ZRANGE", k.lru, 0, 0)[1])
+  if capacity == nil and redis.call("HLEN", k.refs) <= max_blocks then return end
+  local order = redis.call("ZRANGE", k.lru, 0, -1)
+  local tokens_of, confirmed = {}, 0
+  for _, t in ipairs(order) do
+    tokens_of[t] = cm_tokens(redis.call("HGET", k.entries, t))
+    if tokens_of[t] > 0 then confirmed = confirmed + 1 end
+  end
+  for _, t in ipairs(order) do
+    local over = capacity ~= nil and tokens_of[t] > 0 and confirmed > capacity
+    if over or redis.call("HLEN", k.refs) > max_blocks then
+      if tokens_of[t] > 0 then confirmed = confirmed - 1 end
+      cm_remove(k, t)
+    end
   end
 end
 
@@ -124,14 +142,14 @@ local function cm_predict(k, blocks, total, max_blocks)
   if total == 0 then return end
   if redis.call("HEXISTS", k.entries, blocks[total]) == 1 then return end
   cm_add(k, blocks, total, 0, cm_tick(k))
-  cm_evict(k, math.huge, max_blocks)
+  cm_evict(k, nil, max_blocks)
 end
 
 -- the request failed: the node stored nothing for it
 local function cm_drop_pending(k, blocks, total)
   if total == 0 then return end
   local v = redis.call("HGET", k.entries, blocks[total])
-  if v and cm_decode(v) == 0 then cm_remove(k, blocks[total]) end
+  if v and cm_tokens(v) == 0 then cm_remove(k, blocks[total]) end
 end
 
 -- r = {blocks, total, prompt_bytes, prompt_tokens, cached, completion, slots}: the node answered and reported
@@ -141,7 +159,8 @@ local function cm_report(k, r, block_size, max_blocks)
   if total > 0 then tip = blocks[total] end
   local others = {}
   for _, t in ipairs(redis.call("ZRANGE", k.lru, 0, -1)) do
-    if t ~= tip or cm_decode(redis.call("HGET", k.entries, t)) > 0 then others[#others + 1] = t end
+    local tokens, _, _, since = cm_decode(redis.call("HGET", k.entries, t))
+    if tokens > 0 and (r.seen == nil or since <= r.seen) then others[#others + 1] = t end
   end
   local best, best_common, best_i = nil, 0, 0
   for i, t in ipairs(others) do
@@ -195,12 +214,15 @@ local function cm_report(k, r, block_size, max_blocks)
   if total > 0 then
     local tokens = r.prompt_tokens + r.completion
     local tick = cm_tick(k)
-    if redis.call("HEXISTS", k.entries, tip) == 1 then
-      redis.call("HSET", k.entries, tip, cm_encode(tokens, blocks, total))
-      redis.call("ZADD", k.lru, int(tick), tip)
-    else
-      cm_add(k, blocks, total, tokens, tick)
+    local v = redis.call("HGET", k.entries, tip)
+    if v == false then
+      cm_add(k, blocks, total, 0, tick)
+      v = redis.call("HGET", k.entries, tip)
     end
+    local old_tokens, _, _, since = cm_decode(v)
+    if old_tokens == 0 then since = tick end
+    redis.call("HSET", k.entries, tip, cm_encode(tokens, blocks, total, since))
+    redis.call("ZADD", k.lru, int(tick), tip)
   end
   cm_evict(k, cm_capacity(k, slots), max_blocks)
   redis.call("HINCRBY", k.cache, "reports", 1)
@@ -219,7 +241,7 @@ local function cm_forget(k, gone)
       local list = cm_list(body)
       for i, block in ipairs(list) do
         if gone[block] then
-          cm_truncate(k, t, i - 1, 0, list)
+          cm_truncate(k, t, i - 1, 1, list)
           break
         end
       end

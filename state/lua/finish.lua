@@ -15,7 +15,8 @@
 -- ARGV[11] node id          ARGV[12] prompt bytes     ARGV[13] reported prompt tokens
 -- ARGV[14] cached tokens    ARGV[15] completion tokens ARGV[16] cache_slots
 -- ARGV[17] block size       ARGV[18] max blocks per node  ARGV[19] prefix model TTL ms
--- ARGV[20] t, then t block hashes of the prompt (capped by the caller)
+-- ARGV[20] the node's tick when the request was routed ("" = any confirmed entry counts)
+-- ARGV[21] t, then t block hashes of the prompt (capped by the caller)
 -- returns  1 if the lease was still held, else 0
 -- Cost: O(entries x log t) to compare, plus the blocks of the entries it changes (state/lua/cache_model.lua).
 
@@ -40,14 +41,15 @@ redis.call("HINCRBY", KEYS[2], F_CACHED_TOKENS, ARGV[8])
 
 local mode = ARGV[10]
 if mode ~= "" then
-  local total = tonumber(ARGV[20])
+  local total = tonumber(ARGV[21])
   local blocks = {}
-  for i = 1, total do blocks[i] = ARGV[20 + i] end
+  for i = 1, total do blocks[i] = ARGV[21 + i] end
   local k = cm_keys(ARGV[11])
   if mode == "learn" then
     local r = {
       blocks = blocks, total = total, prompt_bytes = tonumber(ARGV[12]), prompt_tokens = tonumber(ARGV[13]),
       cached = tonumber(ARGV[14]), completion = tonumber(ARGV[15]), slots = tonumber(ARGV[16]),
+      seen = tonumber(ARGV[20]),
     }
     cm_report(k, r, tonumber(ARGV[17]), tonumber(ARGV[18]))
     cm_expire(k, tonumber(ARGV[19]))

@@ -15,7 +15,7 @@
 -- ARGV[15] n candidates, then n times: node id, max_concurrency, cache_slots, rendezvous rank
 -- then     m, then m node ids fastest first (latency-based)
 -- then     t, then t block hashes of the prompt (already capped by the caller)
--- returns  {node id, reason, matched blocks, total blocks, bound (0|1)}
+-- returns  {node id, reason, matched blocks, total blocks, bound (0|1), the chosen node's cache-model tick}
 -- Cost: per candidate O(log t) HEXISTS; on the chosen node O(t) to record the prompt (state/lua/cache_model.lua).
 
 local now = now_ms()
@@ -81,7 +81,8 @@ if strategy == "round-robin" then turn = redis.call("INCR", KEYS[2]) - 1 end
 -- choose (state.policy.choose_node)
 local function overloaded(c) return c.inflight >= c.max_concurrency * overload_factor end
 local function cost(c)
-  local crowd = math.max(0, c.sessions + 1 - c.capacity)
+  local crowd = 0  -- state.policy.evicted
+  if c.sessions == c.capacity then crowd = c.capacity + 1 elseif c.sessions > c.capacity then crowd = 1 end
   local max_concurrency = math.max(1, c.max_concurrency)
   return (total - c.matched) + total * (w_load * c.inflight / max_concurrency + w_crowding * crowd)
     + w_spread * c.sessions
@@ -178,9 +179,11 @@ local leases = node_key(node, LEASES)
 redis.call("ZADD", leases, int(now + lease_ttl), lease_id)
 extend_ttl(leases, lease_ttl)
 
+local tick = 0
 if total > 0 then
   cm_predict(chosen.cache, blocks, total, max_blocks)
   cm_expire(chosen.cache, prefix_ttl)
+  tick = tonumber(redis.call("HGET", chosen.cache.cache, "tick") or "0")
 end
 
-return {node, reason, chosen.matched, total, bind and 1 or 0}
+return {node, reason, chosen.matched, total, bind and 1 or 0, tick}

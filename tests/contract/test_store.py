@@ -380,6 +380,19 @@ class TestStore:
         await b.register_node("mac1", b'{"removed": true}')
         assert await b.registry() == {"mac9": b'{"url": "http://mac9:8080"}', "mac1": b'{"removed": true}'}
 
+    async def test_restore_registry_writes_only_what_is_missing(self, make_stores: StoreFactory) -> None:
+        a, b = await make_stores(2)
+        await a.restore_registry({})
+        await a.register_node("mac1", b'{"removed": true}')  # newer than what b remembers
+        await b.restore_registry({"mac1": b'{"node": {"url": "http://old"}}', "mac2": b'{"removed": true}'})
+        assert await a.registry() == {"mac1": b'{"removed": true}', "mac2": b'{"removed": true}'}
+
+    async def test_epoch_is_set_once_and_the_same_for_everyone(self, make_stores: StoreFactory) -> None:
+        a, b = await make_stores(2)
+        assert await a.epoch("first") == "first"
+        assert await b.epoch("second") == "first"
+        assert await a.epoch("third") == "first"
+
     async def test_remove_node_drops_everything_known_of_it(self, store: Store) -> None:
         target = NODES[0]
         for i in range(3):
@@ -521,6 +534,6 @@ async def held_blocks(store: Store, node: str) -> int:
         assert isinstance(store, RedisStore)
         refs = {k: int(v) for k, v in (await store.client.hgetall(f"{store.prefix}node:{node}:refs")).items()}
         raw = await store.client.hgetall(f"{store.prefix}node:{node}:entries")
-        entries = [tuple(v.split(":", 2)[2].strip(",").split(",")) for v in raw.values()]
+        entries = [tuple(v.split(":", 3)[3].strip(",").split(",")) for v in raw.values()]
     assert refs == collections.Counter(b for blocks in entries for b in blocks)
     return len(refs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import KeyRing, is_loopback, needs_key, presented_keys, takes_slot
+from proxy.auth import COUNT_TOKENS_POOL, KeyRing, is_loopback, needs_key, presented_keys, slot_pool, takes_slot
 from proxy.config import ConfigError, load_settings, parse_api_keys
 
 BOB_HASH = "sha256:" + hashlib.sha256(b"sk-bob").hexdigest()
@@ -128,10 +128,12 @@ def test_which_paths_need_a_key(path: str, needed: bool) -> None:
     assert needs_key(path) is needed
 
 
-def test_only_generation_takes_a_slot() -> None:
-    assert takes_slot("POST", "/v1/messages")
-    assert not takes_slot("POST", "/v1/messages/count_tokens")
+def test_generation_and_count_tokens_take_slots_of_their_own_pools() -> None:
+    assert takes_slot("POST", "/v1/messages") and slot_pool("POST", "/v1/messages") == ""
+    # as large a body as generation: limited too, from its own pool so counting never blocks generation
+    assert slot_pool("POST", "/v1/messages/count_tokens/") == COUNT_TOKENS_POOL
     assert not takes_slot("GET", "/v1/models")
+    assert not takes_slot("GET", "/v1/messages")
 
 
 @pytest.mark.parametrize(
