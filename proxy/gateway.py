@@ -3,19 +3,28 @@
 Built once per process in the app's lifespan. Routing goes to the shared store; if the store
 is unreachable the request is routed with a process-local memory store instead (degraded
 mode), so a Redis outage never fails a request.
+
+Leases and slots cannot leak through a store outage: a store call that failed or timed out (it may
+still run in Redis when a stalled Redis wakes) and a release skipped while the store circuit was open
+are remembered by id and given back (`Store.release`) as soon as the store answers again, within
+REPAIR_INTERVAL_S, and once more after a later call proved Redis had run everything sent before
+(docs/health.md#what-a-redis-stall-or-outage-costs). Each replica also remembers the session bindings
+the store gave it (`BindingCache`), so degraded mode keeps sessions on their node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import logging
 import os
 import random
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -37,6 +46,17 @@ log = logging.getLogger("mlxmux.gateway")
 
 STORE_MIN_BACKOFF_S = 0.5
 STORE_MAX_BACKOFF_S = 5.0
+REPAIR_INTERVAL_S = 0.25
+"""While releases are owed to the store: how often they are sent (also while it is unreachable)."""
+MAX_REPAIRS = 20_000
+"""Releases owed at most; beyond it the oldest are dropped (they are the first to lapse in the store anyway)."""
+REPAIR_BATCH = 1000
+"""Releases sent in one round trip."""
+BINDING_CACHE_SIZE = 10_000
+"""Session bindings each replica remembers for degraded mode (least recently used dropped first)."""
+
+NODE_LEASE = "node"
+KEY_SLOT = "key"
 
 
 class Gateway:
@@ -55,7 +75,15 @@ class Gateway:
         self.membership.discovery_interval_s = settings.discovery.interval_s
         self.inflight: set[Lease] = set()
         self.slots: set[tuple[str, str]] = set()
-        """Team-key slots (key name, lease id) held by this replica's requests in flight."""
+        """Team-key slots (key name, lease id) held by this replica's requests in flight, or asked for by a
+        call that failed (it may have been taken all the same): renewed while the request runs, released by id."""
+        self.repairs: collections.OrderedDict[tuple[str, str, str], tuple[float, float]] = collections.OrderedDict()
+        """Releases owed to the store, oldest first: (NODE_LEASE, node id, lease id) or (KEY_SLOT, key name,
+        lease id) -> (monotonic time it was owed, time the lease lapses in the store anyway)."""
+        self._repair_due = asyncio.Event()
+        self._answered_at = 0.0
+        """Monotonic time at which the latest store call that was answered had been sent."""
+        self.bindings = BindingCache(BINDING_CACHE_SIZE, settings.routing.session_ttl_s)
         self._slots_unenforced = False
         self.store_ok = True
         self._store_backoff = 0.0
@@ -72,6 +100,7 @@ class Gateway:
         await self.health.round(everyone=True)
         self._tasks.append(asyncio.create_task(self._maintain(), name="mlxmux-health"))
         self._tasks.append(asyncio.create_task(self._renew_leases(), name="mlxmux-leases"))
+        self._tasks.append(asyncio.create_task(self._repair_loop(), name="mlxmux-repairs"))
         if self.settings.routing.strategy == Strategy.LATENCY_BASED:
             self._tasks.append(asyncio.create_task(self._refresh_latency(), name="mlxmux-latency"))
 
@@ -81,6 +110,12 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for _ in range(2):  # the second round settles what the first could not prove (see _settle)
+            if not self.repairs:
+                break
+            await self._repair()
+            if not self.store_ok:
+                break  # unreachable: what is owed lapses in the store within the lease TTL
         await self.cluster.aclose()
         await self.store.close()
         await self.local_store.close()
@@ -106,16 +141,29 @@ class Gateway:
         """True while the circuit around the shared store is open (recent failure, retry not yet due)."""
         return not self.store_ok and time.monotonic() < self._store_retry_at
 
+    def _answered(self, sent_at: float) -> None:
+        """A store call sent at `sent_at` (monotonic) was answered."""
+        self._answered_at = max(self._answered_at, sent_at)
+        self._mark_store(True)
+
     async def _degraded_route(self, request: RouteRequest) -> Decision:
-        """Routing without the shared store. A session goes to the candidate with the highest rendezvous
-        hash of its id over the routable nodes — every replica computes the same, so sessions stay put
-        without shared state; other requests use this replica's own memory store."""
+        """Routing without the shared store. A session goes to the node this replica last saw it bound to
+        (`self.bindings`: the store's binding, or its own earlier degraded choice) while that node is a
+        candidate; else to the candidate with the highest rendezvous hash of its id over the routable
+        nodes — every replica computes the same, so sessions no replica knew stay put without shared
+        state. Other requests use this replica's own memory store."""
         if request.session:
             key = request.session
-            best = max(request.candidates, key=lambda c: (rendezvous_rank(key, c.node_id), c.node_id))
+            known = self.bindings.get(request.pool, key)
+            best = next((c for c in request.candidates if c.node_id == known), None)
+            reason = "degraded-binding"
+            if best is None:
+                best = max(request.candidates, key=lambda c: (rendezvous_rank(key, c.node_id), c.node_id))
+                reason = "degraded-hash"
             pinned = msgspec.structs.replace(request, candidates=(best,), strategy=Strategy.ROUND_ROBIN)
             decision = await self.local_store.route(pinned)
-            return msgspec.structs.replace(decision, reason="degraded-hash")
+            self.bindings.put(request.pool, key, decision.node_id)
+            return msgspec.structs.replace(decision, reason=reason)
         return await self.local_store.route(request)
 
     async def route(self, pool: str, blocks: tuple[str, ...], session: str | None, exclude: Iterable[str]) -> Decision:
@@ -141,11 +189,19 @@ class Gateway:
         )
         decision: Decision | None = None
         if not self._store_closed():
+            sent = time.monotonic()
             try:
                 decision = await self.store.route(request)
-                self._mark_store(True)
             except StateUnavailable:
                 self._mark_store(False)
+                self._owe_route(request)  # it may still run in Redis: its lease is given back wherever it lands
+            except BaseException:
+                self._owe_route(request)
+                raise
+            else:
+                self._answered(sent)
+                if decision.bound and session:
+                    self.bindings.put(pool, session, decision.node_id)
         if decision is None:
             decision = await self._degraded_route(request)
             self._local_leases.add(decision.lease)
@@ -159,30 +215,51 @@ class Gateway:
             await self.local_store.finish(lease, outcome)
             return
         if self._store_closed():
-            return  # the lease expires on its own in the shared store
+            self._owe(NODE_LEASE, lease.node_id, lease.lease_id)  # given back when the store answers again
+            return
+        sent = time.monotonic()
         try:
             await self.store.finish(lease, outcome)
         except StateUnavailable:
             self._mark_store(False)
+            self._owe(NODE_LEASE, lease.node_id, lease.lease_id)
             with contextlib.suppress(StateUnavailable):
                 await self.local_store.finish(lease, outcome)
+        except BaseException:
+            self._owe(NODE_LEASE, lease.node_id, lease.lease_id)
+            raise
+        else:
+            self._answered(sent)
 
     async def acquire_slot(self, key_name: str, limit: int) -> tuple[str, str] | None:
         """Take one of a team key's `limit` slots (shared by all replicas): the slot to release, or None when
         the key is at its limit. Fails open: while the shared store is unreachable the request goes ahead
-        (said once per outage in the log), since refusing would fail every request of the team."""
+        (said once per outage in the log), since refusing would fail every request of the team. A slot
+        whose acquisition failed is kept all the same (a stalled Redis may still take it when it wakes),
+        so it is renewed while the request runs and released by id at its end."""
         slot = (key_name, secrets.token_hex(8))
         if not self._store_closed():
+            owed = [k for k in self.repairs if k[0] == KEY_SLOT and k[1] == key_name] if self.repairs else []
+            proven = self._answered_at
+            sent = time.monotonic()
             try:
-                taken = await self.store.acquire_slot(*slot, limit, int(self.settings.routing.lease_ttl_s * 1000))
-                self._mark_store(True)
+                taken = await self.store.acquire_slot(
+                    *slot, limit, int(self.settings.routing.lease_ttl_s * 1000), release=[k[2] for k in owed]
+                )
+            except StateUnavailable:
+                self._mark_store(False)
+                self.slots.add(slot)
+            except BaseException:
+                self._owe(KEY_SLOT, *slot)
+                raise
+            else:
+                self._answered(sent)
+                self._settle(owed, proven)
                 self._slots_unenforced = False
                 if not taken:
                     return None
                 self.slots.add(slot)
                 return slot
-            except StateUnavailable:
-                self._mark_store(False)
         if not self._slots_unenforced:
             self._slots_unenforced = True
             log.warning("shared store unreachable: per-key concurrency limits are not enforced until it is back")
@@ -190,14 +267,84 @@ class Gateway:
 
     async def release_slot(self, slot: tuple[str, str]) -> None:
         if slot not in self.slots:
-            return  # taken while the store was unreachable: nothing to give back
+            return  # admitted while the store circuit was open: nothing was asked of the store
         self.slots.discard(slot)
         if self._store_closed():
-            return  # it expires on its own within the lease TTL
+            self._owe(KEY_SLOT, *slot)
+            return
+        sent = time.monotonic()
         try:
             await self.store.release_slot(*slot)
         except StateUnavailable:
             self._mark_store(False)
+            self._owe(KEY_SLOT, *slot)
+        except BaseException:
+            self._owe(KEY_SLOT, *slot)
+            raise
+        else:
+            self._answered(sent)
+
+    # -- making good what the store may hold wrongly -------------------------------------------------
+
+    def _owe(self, kind: str, name: str, lease_id: str) -> None:
+        """Remember to give back a lease or slot the store may hold although nothing here does any more."""
+        now = time.monotonic()
+        key = (kind, name, lease_id)
+        self.repairs.pop(key, None)
+        self.repairs[key] = (now, now + self.settings.routing.lease_ttl_s)
+        while len(self.repairs) > MAX_REPAIRS:
+            self.repairs.popitem(last=False)
+        self._repair_due.set()
+
+    def _owe_route(self, request: RouteRequest) -> None:
+        """A route call that failed may have taken its lease (request.lease_id) on any candidate."""
+        for c in request.candidates:
+            self._owe(NODE_LEASE, c.node_id, request.lease_id)
+
+    def _settle(self, sent: Sequence[tuple[str, str, str]], proven: float) -> None:
+        """Releases `sent` were answered. One is settled only if, when it was sent, a store call sent after it
+        was owed had already been answered (`proven`): a Redis that stalled may run what was queued on
+        several connections in any order when it wakes, but never a command sent after one of its answers
+        before one that was waiting in its sockets then. The others are sent once more."""
+        for key in sent:
+            owed = self.repairs.get(key)
+            if owed is not None and proven >= owed[0]:
+                del self.repairs[key]
+
+    async def _repair(self) -> None:
+        """Send the releases owed (one round trip), dropping those whose lease has lapsed in the store anyway."""
+        now = time.monotonic()
+        while self.repairs and next(iter(self.repairs.values()))[1] <= now:  # oldest first: they lapse first
+            self.repairs.popitem(last=False)
+        batch = list(itertools.islice(self.repairs, REPAIR_BATCH))
+        if not batch:
+            return
+        leases = [Lease(name, lease_id) for kind, name, lease_id in batch if kind == NODE_LEASE]
+        slots = [(name, lease_id) for kind, name, lease_id in batch if kind == KEY_SLOT]
+        proven = self._answered_at
+        sent = time.monotonic()
+        try:
+            await self.store.release(leases, slots)
+        except StateUnavailable:
+            if self.store_ok:
+                self._mark_store(False)  # while the circuit is open already, its backoff is the hot path's own
+            return
+        self._answered(sent)
+        self._settle(batch, proven)
+
+    async def _repair_loop(self) -> None:
+        """Sends owed releases every REPAIR_INTERVAL_S until none is left, whatever the store circuit says
+        (requests never wait for this), so they reach Redis at most that long after it answers again."""
+        while True:
+            await self._repair_due.wait()
+            self._repair_due.clear()
+            while self.repairs:
+                try:
+                    await self._repair()
+                except Exception:  # a bug here must not stop the repairs for the life of the process
+                    log.exception("giving back leases failed")
+                if self.repairs:
+                    await asyncio.sleep(REPAIR_INTERVAL_S)
 
     async def _renew_leases(self) -> None:
         ttl_ms = int(self.settings.routing.lease_ttl_s * 1000)
@@ -220,11 +367,13 @@ class Gateway:
     async def _probe_store(self) -> None:
         """While in degraded mode: is the shared store back? (Requests find out too; this covers idle
         replicas, so /cluster and the logs say so without waiting for traffic.)"""
+        sent = time.monotonic()
         try:
             await self.store.ping()
-            self._mark_store(True)
         except StateUnavailable:
             self._mark_store(False)
+        else:
+            self._answered(sent)
 
     async def _maintain(self) -> None:
         """Every health interval: the node set (registry, discovery), a health round, the token calibration."""
@@ -260,6 +409,37 @@ class Gateway:
             except StateUnavailable:
                 self._mark_store(False)
             await asyncio.sleep(self.settings.health.interval_s)
+
+
+class BindingCache:
+    """The session bindings one replica has seen, (pool, session) -> node id, for degraded mode: at most
+    `size` (the least recently routed dropped first), each forgotten `ttl_s` after its session was last
+    routed (the session TTL, as in the store). Memory: about 200 bytes an entry, 2 MB at 10 000."""
+
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size = size
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: collections.OrderedDict[tuple[str, str], tuple[str, float]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, pool: str, session: str) -> str | None:
+        entry = self._entries.get((pool, session))
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._entries[(pool, session)]
+            return None
+        return entry[0]
+
+    def put(self, pool: str, session: str, node_id: str) -> None:
+        key = (pool, session)
+        self._entries.pop(key, None)
+        self._entries[key] = (node_id, self._clock() + self.ttl_s)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
 
 
 MIN_CALIBRATION_TOKENS = 1000

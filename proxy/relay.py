@@ -130,6 +130,7 @@ class Attempt:
             cache_slots=node.cache_slots if node is not None else 10,
             reported=ok and self.prompt_tokens > 0,
             seen_tick=self.decision.cache_tick,
+            predicted_blocks=self.decision.predicted_blocks,
         )
 
     async def succeed(self) -> None:

@@ -23,7 +23,8 @@ report (after the answer, from the node's `cached_tokens` c)
     Let `best` be the confirmed entry (one an answer had reported by the time this request was routed;
     entries in flight then were not on the node for its lookup) sharing the most leading blocks with the
     prompt and `predicted` the tokens the router
-    expected the node to reuse from it. If c falls short of `predicted` by more than a
+    expected the node to reuse from it (or, if the entries that matched when the request was routed have
+    left the model since, what they matched then). If c falls short of `predicted` by more than a
     twentieth (at least 8 tokens), the node had evicted it (a *miss*): every entry sharing more than the
     k blocks the node really reused is cut back to k; if `best` was the most recent entry, the node lost
     its whole cache (a restart) and every other entry is dropped, else its LRU rank r says the node holds
@@ -94,6 +95,9 @@ class CacheReport(msgspec.Struct, frozen=True):
     seen_tick: int | None = None
     """The node's tick when the request was routed (`Decision.cache_tick`): only entries confirmed by then
     were on the node for its lookup. None: every confirmed entry."""
+    predicted_blocks: int | None = None
+    """Blocks the node's confirmed entries matched when the request was routed (`Decision.predicted_blocks`):
+    the prediction, even if those entries have left the model since. None: judged from the entries now."""
 
 
 def common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
@@ -156,6 +160,10 @@ class NodeCache:
                 hi = mid - 1
         return lo
 
+    def confirmed_match(self, blocks: Sequence[str]) -> int:
+        """Leading blocks of `blocks` the node's confirmed entries hold (what it can reuse right now)."""
+        return max((common_prefix(e.blocks, blocks) for e in self.entries.values() if e.tokens > 0), default=0)
+
     def effective_capacity(self, slots: int) -> int:
         return min(self.capacity, slots) if self.capacity else slots
 
@@ -210,12 +218,17 @@ class NodeCache:
                 predicted = min(report.prompt_tokens, entry.tokens)
             else:
                 predicted = tokens_of_blocks(best_common, report, block_size)
+        routed = report.predicted_blocks
+        if routed is not None and routed > best_common:
+            # what matched when it was routed has left the model since (answers that came first evicted it)
+            predicted = tokens_of_blocks(routed, report, block_size)
         slots = report.cache_slots
         capacity = self.effective_capacity(slots)
-        if best:
+        miss = cached + max(MISS_SLACK_TOKENS, predicted // 20) < predicted
+        self.misses += miss
+        if best and (routed is None or best_common >= routed):
             rank = len(others) - others.index(best)  # 1 = most recent
-            if cached + max(MISS_SLACK_TOKENS, predicted // 20) < predicted:
-                self.misses += 1
+            if miss:
                 held = min(best_common - 1, blocks_of_tokens(cached, report, block_size))
                 if rank == 1:
                     for t in others:

@@ -130,7 +130,9 @@ class MemoryStore:
             self._node_sessions.setdefault(node, {})[key] = expiry
         lease_id = request.lease_id or secrets.token_hex(8)
         self._leases.setdefault(node, {})[lease_id] = now + request.lease_ttl_ms
-        tick = self._cache(node).predict(blocks, now, self.limits.max_blocks_per_node) if blocks else 0
+        cache = self._cache(node)
+        predicted = cache.confirmed_match(blocks) if blocks else 0
+        tick = cache.predict(blocks, now, self.limits.max_blocks_per_node) if blocks else 0
         return Decision(
             node_id=node,
             reason=choice.reason,
@@ -139,6 +141,7 @@ class MemoryStore:
             lease=Lease(node, lease_id),
             bound=choice.bind,
             cache_tick=tick,
+            predicted_blocks=predicted,
         )
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:

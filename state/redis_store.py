@@ -140,7 +140,7 @@ class RedisStore:
             args += [c.node_id, c.max_concurrency, c.cache_slots, rendezvous_rank(key, c.node_id)]
         args += [len(request.latency_order), *request.latency_order, len(request.blocks), *request.blocks]
         session_key = keys.session_key(self.prefix, request.pool, request.session or "")
-        node, reason, matched, total, bound, tick = await self._run(
+        node, reason, matched, total, bound, tick, predicted = await self._run(
             "route", [session_key, keys.rr_key(self.prefix, request.pool)], args
         )
         return Decision(
@@ -151,6 +151,7 @@ class RedisStore:
             lease=Lease(node, lease_id),
             bound=bool(bound),
             cache_tick=int(tick),
+            predicted_blocks=int(predicted),
         )
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:
@@ -192,6 +193,7 @@ class RedisStore:
             limits.max_blocks_per_node,
             limits.prefix_ttl_ms,
             "" if report.seen_tick is None else report.seen_tick,
+            "" if report.predicted_blocks is None else report.predicted_blocks,
             len(blocks),
             *blocks,
         ]

@@ -106,6 +106,9 @@ class Decision(msgspec.Struct, frozen=True):
     """True when the session is (now) bound to node_id."""
     cache_tick: int = 0
     """The chosen node's cache-model tick at routing (goes back with the answer's CacheReport)."""
+    predicted_blocks: int = 0
+    """Leading blocks the chosen node's confirmed entries held at routing: what the router expects it to
+    reuse (pending entries of requests in flight attract siblings but are not on the node yet)."""
 
 
 class Outcome(msgspec.Struct, frozen=True):

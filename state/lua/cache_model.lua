@@ -66,6 +66,16 @@ local function cm_common(n, body, blocks, total)
   return lo
 end
 
+-- leading blocks of `blocks` the node's confirmed entries hold (what it can reuse right now)
+local function cm_confirmed_match(k, blocks, total)
+  local best = 0
+  for _, t in ipairs(redis.call("ZRANGE", k.lru, 0, -1)) do
+    local tokens, n, body = cm_decode(redis.call("HGET", k.entries, t))
+    if tokens > 0 then best = math.max(best, cm_common(n, body, blocks, total)) end
+  end
+  return best
+end
+
 local function cm_capacity(k, slots)
   local learned = tonumber(redis.call("HGET", k.cache, "capacity") or "0")
   if learned > 0 and learned < slots then return learned end
@@ -177,12 +187,18 @@ local function cm_report(k, r, block_size, max_blocks)
       predicted = math.min(r.prompt_tokens, idiv(best_common * block_size * r.prompt_tokens, r.prompt_bytes))
     end
   end
+  if r.routed ~= nil and r.routed > best_common and r.prompt_bytes > 0 then
+    predicted = math.min(r.prompt_tokens, idiv(r.routed * block_size * r.prompt_tokens, r.prompt_bytes))
+  elseif r.routed ~= nil and r.routed > best_common then
+    predicted = 0
+  end
   local slots = r.slots
   local capacity = cm_capacity(k, slots)
-  if best then
+  local miss = cached + math.max(MISS_SLACK_TOKENS, idiv(predicted, 20)) < predicted
+  if miss then redis.call("HINCRBY", k.cache, "misses", 1) end
+  if best and (r.routed == nil or best_common >= r.routed) then
     local rank = #others - best_i + 1
-    if cached + math.max(MISS_SLACK_TOKENS, idiv(predicted, 20)) < predicted then
-      redis.call("HINCRBY", k.cache, "misses", 1)
+    if miss then
       local held = best_common - 1
       if r.prompt_tokens > 0 then
         held = math.min(held, math.min(total, idiv(cached * r.prompt_bytes, r.prompt_tokens * block_size)))

@@ -16,7 +16,8 @@
 -- ARGV[14] cached tokens    ARGV[15] completion tokens ARGV[16] cache_slots
 -- ARGV[17] block size       ARGV[18] max blocks per node  ARGV[19] prefix model TTL ms
 -- ARGV[20] the node's tick when the request was routed ("" = any confirmed entry counts)
--- ARGV[21] t, then t block hashes of the prompt (capped by the caller)
+-- ARGV[21] blocks its confirmed entries held then ("" = judge from the entries now)
+-- ARGV[22] t, then t block hashes of the prompt (capped by the caller)
 -- returns  1 if the lease was still held, else 0
 -- Cost: O(entries x log t) to compare, plus the blocks of the entries it changes (state/lua/cache_model.lua).
 
@@ -41,15 +42,15 @@ redis.call("HINCRBY", KEYS[2], F_CACHED_TOKENS, ARGV[8])
 
 local mode = ARGV[10]
 if mode ~= "" then
-  local total = tonumber(ARGV[21])
+  local total = tonumber(ARGV[22])
   local blocks = {}
-  for i = 1, total do blocks[i] = ARGV[21 + i] end
+  for i = 1, total do blocks[i] = ARGV[22 + i] end
   local k = cm_keys(ARGV[11])
   if mode == "learn" then
     local r = {
       blocks = blocks, total = total, prompt_bytes = tonumber(ARGV[12]), prompt_tokens = tonumber(ARGV[13]),
       cached = tonumber(ARGV[14]), completion = tonumber(ARGV[15]), slots = tonumber(ARGV[16]),
-      seen = tonumber(ARGV[20]),
+      seen = tonumber(ARGV[20]), routed = tonumber(ARGV[21]),
     }
     cm_report(k, r, tonumber(ARGV[17]), tonumber(ARGV[18]))
     cm_expire(k, tonumber(ARGV[19]))

@@ -15,7 +15,8 @@
 -- ARGV[15] n candidates, then n times: node id, max_concurrency, cache_slots, rendezvous rank
 -- then     m, then m node ids fastest first (latency-based)
 -- then     t, then t block hashes of the prompt (already capped by the caller)
--- returns  {node id, reason, matched blocks, total blocks, bound (0|1), the chosen node's cache-model tick}
+-- returns  {node id, reason, matched blocks, total blocks, bound (0|1), the chosen node's cache-model tick,
+--           blocks its confirmed entries held (the prediction)}
 -- Cost: per candidate O(log t) HEXISTS; on the chosen node O(t) to record the prompt (state/lua/cache_model.lua).
 
 local now = now_ms()
@@ -179,11 +180,12 @@ local leases = node_key(node, LEASES)
 redis.call("ZADD", leases, int(now + lease_ttl), lease_id)
 extend_ttl(leases, lease_ttl)
 
-local tick = 0
+local tick, predicted = 0, 0
 if total > 0 then
+  predicted = cm_confirmed_match(chosen.cache, blocks, total)
   cm_predict(chosen.cache, blocks, total, max_blocks)
   cm_expire(chosen.cache, prefix_ttl)
   tick = tonumber(redis.call("HGET", chosen.cache.cache, "tick") or "0")
 end
 
-return {node, reason, chosen.matched, total, bind and 1 or 0, tick}
+return {node, reason, chosen.matched, total, bind and 1 or 0, tick, predicted}

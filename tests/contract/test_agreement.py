@@ -94,7 +94,7 @@ def history(seed: int, length: int) -> list[tuple[Any, ...]]:
 
 
 def _summary(d: Decision) -> tuple[Any, ...]:
-    return (d.node_id, d.reason, d.matched_blocks, d.total_blocks, d.bound, d.cache_tick)
+    return (d.node_id, d.reason, d.matched_blocks, d.total_blocks, d.bound, d.cache_tick, d.predicted_blocks)
 
 
 async def play(redis_url: str, ops: list[tuple[Any, ...]]) -> tuple[list[Decision], list[NodeView]]:
@@ -130,6 +130,7 @@ async def play(redis_url: str, ops: list[tuple[Any, ...]]) -> tuple[list[Decisio
                         cache_slots=slots,
                         reported=reused is not None,
                         seen_tick=decision.cache_tick,
+                        predicted_blocks=decision.predicted_blocks,
                     )
                 outcome = Outcome(
                     ok=ok, ttft_ms=float(step), total_ms=2.0 * step, error_class="" if ok else "x", report=report

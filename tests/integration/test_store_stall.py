@@ -121,7 +121,8 @@ def test_no_phantom_leases_after_200_streams_saturate_a_replica(stall_s: float) 
     cannot hold them all (the rest wait for a connection and fail over as `pool_wait`), with Redis stalling
     1.5 s in the middle or not: once they have all ended, every node's in-flight set in Redis is empty
     after a 1 s settle. (Before: routes that timed out had taken leases in Redis all the same, and the
-    releases skipped while the store circuit was open were never sent: the leases stayed for their 60 s TTL.)"""
+    releases skipped while the store circuit was open were never sent: the leases stayed for their 60 s TTL,
+    51 to 62 of them with the stall, 0 to 43 without.)"""
     prefix = f"burst{int(stall_s * 10)}:"
     with contextlib.ExitStack() as stack:
         r = stack.enter_context(stallable_redis())
@@ -168,8 +169,9 @@ def test_no_phantom_leases_after_200_streams_saturate_a_replica(stall_s: float) 
 
 def test_sessions_keep_their_node_through_a_redis_outage_on_every_replica_that_saw_them() -> None:
     """6 sessions go through all 3 replicas while Redis is up, then Redis dies: each replica routes every
-    session it served to the node the shared binding named, not to its rendezvous hash. (Before: 4 of 6
-    sessions changed node.)"""
+    session it served to the node the shared binding named, not to its rendezvous hash: 0 of 6 move, and
+    all 18 turns in the outage follow a known binding. (Before: 2 of 6 sessions changed node here, 4 of 6
+    in the issue's run.)"""
     port = free_port()
     with contextlib.ExitStack() as stack:
         r = stack.enter_context(stallable_redis(port))
