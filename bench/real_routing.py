@@ -5,9 +5,15 @@ A real redis-server, `--replicas` `mlxmux serve` replicas sharing it, and `--nod
 processes (tests/realnode.py's tiny 1-layer Qwen3-style model on CPU: prefill is almost free, the prompt
 cache is mlx_lm's own LRU of `--prompt-cache-size` entries). A team of `--sessions` Claude-Code-shaped
 sessions (tests/claude_code_request.py, trimmed to a few thousand tokens) runs `--turns` turns each, all
-at once, with a short seeded think time between turns (a teammate reading the answer, a tool running);
-turn t of session s goes through replica (s + t) % replicas. The caches hold fewer entries in total
-(nodes x cache) than there are sessions, so some conversations must be evicted whatever the placement.
+at once (or session s starting s x `--stagger` seconds in, so later sessions are placed after the router has
+learned from earlier answers), with a short seeded think time between turns (a teammate reading the answer,
+a tool running); turn t of session s goes through replica (s + t) % replicas. The caches hold fewer entries
+in total (nodes x cache) than there are sessions, so some conversations must be evicted whatever the placement.
+
+The gateway is configured with `cache_slots` = `--slots` per node (default `--cache`, the node's real
+capacity). A larger `--slots` is a gateway that overestimates its nodes' caches (`cache_slots` left at the
+default 10 while the nodes run a smaller `--prompt-cache-size`): only the cache feedback can learn the real
+capacity, and only from answers that arrive before later placements (hence `--stagger`).
 
 Every placement starts cold: fresh mlx_lm.server processes, fresh gateway replicas, Redis flushed and a new
 key prefix. The cached share of each placement is the sum of the cached tokens the nodes reported
@@ -27,7 +33,8 @@ request) and GET /cluster (the router's per-node belief: predicted vs reported c
 sessions stayed on one node, why they moved, and how often a `session`/`prefix` decision went to a node that
 had evicted the prompt.
 
-    python bench/real_routing.py [--quick] [--sessions 12] [--turns 6] [--cache 3] [--replicas 3] [--nodes 3]
+    python bench/real_routing.py [--quick] [--sessions 12] [--turns 6] [--cache 3] [--slots 3] [--stagger 0]
+                                 [--replicas 3] [--nodes 3] [--tools 2]
 """
 
 from __future__ import annotations
@@ -153,10 +160,18 @@ def base_body(sid: str) -> dict[str, Any]:
 
 
 async def run_team(
-    urls: Sequence[str], *, sessions: int, turns: int, think: float, file_lines: int, seed: int
+    urls: Sequence[str],
+    *,
+    sessions: int,
+    turns: int,
+    think: float,
+    file_lines: int,
+    seed: int,
+    stagger: float = 0.0,
 ) -> list[TurnResult]:
-    """Every session at once; turn t of session s through replica (s + t) % len(urls); after each answer a
-    think time drawn from [0.5, 1.5] x `think` (seeded per session), and a start spread over [0, think]."""
+    """Every session at once (stagger 0) or session s from s x `stagger` seconds on; turn t of session s
+    through replica (s + t) % len(urls); after each answer a think time drawn from [0.5, 1.5] x `think`
+    (seeded per session), and a start spread over [0, think] on top of the stagger."""
     clients = [anthropic.AsyncAnthropic(base_url=u, api_key="bench", max_retries=0, timeout=120) for u in urls]
     results: list[TurnResult] = []
 
@@ -165,7 +180,7 @@ async def run_team(
         rng = random.Random(f"{seed}/{s}")
         body = base_body(sid)
         history: list[dict[str, Any]] = []
-        await asyncio.sleep(rng.uniform(0, think))
+        await asyncio.sleep(s * stagger + rng.uniform(0, think))
         for t in range(1, turns + 1):
             history.append(_user_turn(sid, t, file_lines))
             if t == 2:
@@ -192,7 +207,8 @@ async def run_team(
                 await asyncio.sleep(think * rng.uniform(0.5, 1.5))
 
     try:
-        await asyncio.wait_for(asyncio.gather(*(session(s) for s in range(sessions))), RUN_TIMEOUT_S)
+        timeout = RUN_TIMEOUT_S + stagger * sessions
+        await asyncio.wait_for(asyncio.gather(*(session(s) for s in range(sessions))), timeout)
     finally:
         for c in clients:
             await c.close()
@@ -217,15 +233,16 @@ def mlx_nodes(model: Path, count: int, cache: int) -> Iterator[list[str]]:
 
 @contextlib.contextmanager
 def replicas(
-    node_urls: Sequence[str], redis_url: str, *, strategy: str, feedback: bool, count: int, cache: int, prefix: str
+    node_urls: Sequence[str], redis_url: str, *, strategy: str, feedback: bool, count: int, slots: int, prefix: str
 ) -> Iterator[list[Proc]]:
-    """`count` `mlxmux serve` replicas sharing `redis_url`, JSON access logs with plain session ids."""
+    """`count` `mlxmux serve` replicas sharing `redis_url`, each node with `cache_slots = slots`, JSON access
+    logs with plain session ids."""
     with contextlib.ExitStack() as stack:
         config = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlxmux-real-"))) / "mlxmux.toml"
         config.write_text(
             f"[routing]\ncache_feedback = {str(feedback).lower()}\n\n"
             + "".join(
-                f'[[nodes]]\nid = "node{i}"\nurl = "{u}"\ncache_slots = {cache}\nmax_concurrency = 8\n\n'
+                f'[[nodes]]\nid = "node{i}"\nurl = "{u}"\ncache_slots = {slots}\nmax_concurrency = 8\n\n'
                 for i, u in enumerate(node_urls)
             )
         )
@@ -292,11 +309,11 @@ def run_placement(
 
     with contextlib.closing(redis.Redis.from_url(redis_url)) as r:
         r.flushall()
-    nodes, cache = (1, BOUND_CACHE) if p.bound else (args.nodes, args.cache)
+    nodes, cache, slots = (1, BOUND_CACHE, BOUND_CACHE) if p.bound else (args.nodes, args.cache, args.slots)
     started = time.monotonic()
     with mlx_nodes(model, nodes, cache) as urls:
         prefix = f"real-{index}-{p.strategy}-{'fb' if p.feedback else 'nofb'}:"
-        kw = {"strategy": p.strategy, "feedback": p.feedback, "count": args.replicas, "cache": cache, "prefix": prefix}
+        kw = {"strategy": p.strategy, "feedback": p.feedback, "count": args.replicas, "slots": slots, "prefix": prefix}
         with replicas(urls, redis_url, **kw) as gws:
             t0 = time.monotonic()
             turns = asyncio.run(
@@ -307,6 +324,7 @@ def run_placement(
                     think=args.think,
                     file_lines=file_lines,
                     seed=args.seed,
+                    stagger=args.stagger,
                 )
             )
             seconds = time.monotonic() - t0
@@ -443,14 +461,18 @@ def verdict(ok: bool) -> str:
 
 def report(runs: list[RunResult], args: argparse.Namespace, file_lines: int) -> None:
     bound_run = runs[0]
-    slots = args.nodes * args.cache
+    entries = args.nodes * args.cache
     alone, shared = computed_alone(bound_run)
     prompts = [t.prompt for t in bound_run.turns if t.prompt]
+    starts = f"Claude-Code-shaped sessions started {args.stagger:g} s apart" if args.stagger else ""
+    starts = starts or "concurrent Claude-Code-shaped sessions"
+    overstated = f" (overstates the nodes' {args.cache})" if args.slots > args.cache else ""
     print(
-        f"\nworkload: {args.sessions} concurrent Claude-Code-shaped sessions x {args.turns} turns (think "
+        f"\nworkload: {args.sessions} {starts} x {args.turns} turns (think "
         f"{args.think:g} s x [0.5, 1.5]), {args.replicas} mlxmux replicas on one redis-server, {args.nodes} real "
         f"mlx_lm.server nodes (tiny 1-layer model, CPU) with --prompt-cache-size {args.cache} "
-        f"({slots} entries for {args.sessions} sessions); prompts {min(prompts, default=0)}-{max(prompts, default=0)}"
+        f"({entries} entries for {args.sessions} sessions), gateway cache_slots {args.slots} per node{overstated}; "
+        f"prompts {min(prompts, default=0)}-{max(prompts, default=0)}"
         f" tokens ({TOOLS} tools, {file_lines}-line file per turn, {REPLY_TOKENS}-token replies), shared prefix "
         f"{shared} tokens"
     )
@@ -544,7 +566,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="8 sessions x 4 turns, cache 2 (about a minute)")
     p.add_argument("--sessions", type=int)
     p.add_argument("--turns", type=int)
-    p.add_argument("--cache", type=int, help="--prompt-cache-size of each node (and its cache_slots)")
+    p.add_argument("--cache", type=int, help="--prompt-cache-size of each node")
+    p.add_argument("--slots", type=int, help="cache_slots the gateway is configured with per node (default: --cache)")
+    p.add_argument("--stagger", type=float, default=0.0, help="seconds between the starts of consecutive sessions")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--think", type=float, help="mean seconds between a session's answer and its next turn")
@@ -558,6 +582,8 @@ def main() -> None:
     for k, v in (QUICK if args.quick else DEFAULT).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.slots is None:
+        args.slots = args.cache
     model = build_tiny_model(Path(args.model_dir))
     runs = []
     with redis_server() as redis_url:

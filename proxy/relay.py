@@ -285,7 +285,8 @@ def deadline_failure(gw: Gateway, node_id: str) -> NodeFailure:
     limit = gw.settings.timeouts.stream_deadline_s
     return NodeFailure(
         "timeout",
-        f"node {node_id} did not finish the answer within the request deadline of {limit:g}s (timeouts.stream_deadline_s)",
+        f"node {node_id} did not finish the answer within the request deadline of {limit:g}s "
+        "(timeouts.stream_deadline_s)",
     )
 
 

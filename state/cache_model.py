@@ -20,20 +20,21 @@ predict (at routing time, on the chosen node)
     bound on blocks applies at once. A prompt already stored is left as it is.
 
 report (after the answer, from the node's `cached_tokens` c)
-    Let `best` be the confirmed entry (one an answer had reported by the time this request was routed;
-    entries in flight then were not on the node for its lookup) sharing the most leading blocks with the
-    prompt and `predicted` the tokens the router
-    expected the node to reuse from it (or, if the entries that matched when the request was routed have
-    left the model since, what they matched then). If c falls short of `predicted` by more than a
-    twentieth (at least 8 tokens), the node had evicted it (a *miss*): every entry sharing more than the
-    k blocks the node really reused is cut back to k; if `best` was the most recent entry, the node lost
-    its whole cache (a restart) and every other entry is dropped, else its LRU rank r says the node holds
-    fewer than r entries and the learned capacity drops to r - 1. A hit on the oldest entry lets the
-    capacity grow back by one, up to the configured `cache_slots`. Then entries wholly inside the reused
-    part whose tokens were all reused are gone (the node's new entry extends them); those reused only in
-    part stay beside it (after a tool call the template re-renders the call, so mlx_lm keeps both). The
-    prompt's own entry now holds prompt + reply tokens and is the most recent; beyond the capacity the
-    least recently used confirmed entries go (entries in flight take no slot).
+    Let `best` be the confirmed entry (one an answer had reported by the time this request was routed:
+    entries in flight then were not on the node for its lookup) sharing the most leading blocks with
+    the prompt, and `predicted` the tokens the router expected the node to reuse from it (or, if the
+    entries that matched when the request was routed have left the model since, what they matched
+    then). If c falls short of that by more than a twentieth (at least 8 tokens) — or, for a whole entry
+    whose size is known, short of its prompt part by more than a hundredth (its reply may re-render
+    differently, as a tool call does) — the node had evicted it (a *miss*): every entry sharing more
+    than the k blocks the node really reused is cut back to k; if `best` was the most recent entry, the
+    node lost its whole cache (a restart) and every other entry is dropped, else its LRU rank r says the
+    node holds fewer than r entries and the learned capacity drops to r - 1. A hit on the oldest entry
+    lets the capacity grow back by one, up to the configured `cache_slots`. Then entries wholly inside
+    the reused part whose tokens were all reused are gone (the node's new entry extends them); those
+    reused only in part stay beside it (after a tool call the template re-renders the call, so mlx_lm
+    keeps both). The prompt's own entry now holds prompt + reply tokens and is the most recent; beyond
+    the capacity the least recently used confirmed entries go (entries in flight take no slot).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from collections.abc import Sequence
 import msgspec
 
 MISS_SLACK_TOKENS = 8
-"""A report this many tokens (or a twentieth of the prediction, if more) short of the prediction is a miss."""
+"""A report this many tokens short of the prediction (or more, see `NodeCache.report`) is a miss."""
 
 
 class CacheEntry(msgspec.Struct):
@@ -55,6 +56,9 @@ class CacheEntry(msgspec.Struct):
     since: int = 0
     """The tick at which an answer first confirmed it (0 while pending): a request routed before then
     could not have reused it, the node had not stored it yet."""
+    reply: int = 0
+    """Of `tokens`, those the node generated (the reply): a next turn whose template re-renders a tool call
+    reuses less than all of it, which is no eviction."""
 
 
 class CacheCounters(msgspec.Struct, frozen=True):
@@ -212,19 +216,26 @@ class NodeCache:
             if c >= best_common and c > 0:
                 best, best_common = t, c
         predicted = 0
+        # the tokens the node surely held if it kept the entry, and how far short a report may fall
+        floor, slack = 0, 20
         if best:
             entry = self.entries[best]
             if best_common == len(entry.blocks) and entry.tokens > 0:
+                # a whole entry, its size known: it held at least the prompt part (the reply may re-render)
                 predicted = min(report.prompt_tokens, entry.tokens)
+                floor, slack = min(report.prompt_tokens, entry.tokens - entry.reply), 100
             else:
                 predicted = tokens_of_blocks(best_common, report, block_size)
         routed = report.predicted_blocks
         if routed is not None and routed > best_common:
             # what matched when it was routed has left the model since (answers that came first evicted it)
             predicted = tokens_of_blocks(routed, report, block_size)
+            floor, slack = 0, 20
+        if not floor:
+            floor = predicted
         slots = report.cache_slots
         capacity = self.effective_capacity(slots)
-        miss = cached + max(MISS_SLACK_TOKENS, predicted // 20) < predicted
+        miss = cached + max(MISS_SLACK_TOKENS, floor // slack) < floor
         self.misses += miss
         if best and (routed is None or best_common >= routed):
             rank = len(others) - others.index(best)  # 1 = most recent
@@ -252,6 +263,7 @@ class NodeCache:
             if entry.tokens == 0:
                 entry.since = self.tick
             entry.tokens = report.prompt_tokens + report.completion_tokens
+            entry.reply = report.completion_tokens
             entry.used = self.tick
         self._evict(self.effective_capacity(slots), max_blocks)
         self.reports += 1
@@ -310,7 +322,7 @@ class NodeCache:
             return
         del self.entries[tip]
         self._unref(entry.blocks[keep:])
-        self.entries[entry.blocks[keep - 1]] = CacheEntry(entry.blocks[:keep], tokens, entry.used, entry.since)
+        self.entries[entry.blocks[keep - 1]] = CacheEntry(entry.blocks[:keep], tokens, entry.used, entry.since, 0)
 
     def _evict(self, capacity: int | None, max_blocks: int) -> None:
         """Least recently used first: confirmed entries beyond `capacity` (entries in flight take no slot on

@@ -6,7 +6,7 @@ All keys start with the configured prefix (`mlxmux:` by default):
     {prefix}node:{node}:sessions       ZSET    "{pool}:{session}" -> binding expiry ms (counts bound sessions)
     {prefix}node:{node}:leases         ZSET    lease id -> lease expiry ms (counts in-flight requests)
     {prefix}node:{node}:lru            ZSET    entry tip block -> last used ms (the model of the node's prompt cache)
-    {prefix}node:{node}:entries        HASH    entry tip block -> "<tokens>:<n>:<since>:,<block>,…," (its blocks)
+    {prefix}node:{node}:entries        HASH    entry tip block -> "<tokens>:<n>:<since>:<reply>:,<block>,…,"
     {prefix}node:{node}:refs           HASH    block hash -> entries holding it (the blocks the node holds)
     {prefix}node:{node}:cache          HASH    learned capacity and belief-vs-report counters
     {prefix}node:{node}:stats          HASH    outcome counters and token totals

@@ -15,20 +15,18 @@ cache-aware (the default)
        (`rebind-evicted`). Else the session moves: `rebind-unavailable` or `rebind-overloaded`.
     2. Otherwise the candidate with the lowest cost wins, where for a prompt of T blocks
 
-           cost = (T - matched) + T * (load * inflight / max_concurrency + crowding * evicted)
+           cost = (T - matched) + T * (load * inflight / max_concurrency
+                                       + crowding * max(0, sessions + 1 - capacity))
                   + spread * sessions
-
-           evicted = 0 while sessions < capacity, capacity + 1 at sessions == capacity, 1 beyond
 
        `matched` is the run of leading blocks the node is believed to hold (the prefill it saves),
        `sessions` the active sessions bound to it (a turn within `session_active_ms`: a finished
        conversation stops counting long before its binding lapses), `capacity` the entries its cache
        holds (`cache_slots`, or less where its reports showed fewer). Both penalties are in units of the
-       whole prompt: a node running at max_concurrency costs `load` prompts of prefill; `evicted` is the
-       conversations the new session makes the node's LRU lose on every round of turns: none while it
-       fits; all of them (capacity + 1) when it is the one too many, since an LRU cycled through one
-       entry more than it holds misses every time; only its own once the node thrashes already. So the
-       overflow of a full cluster goes to one node rather than making every node thrash. Every bound
+       whole prompt: a node running at max_concurrency costs `load` prompts of prefill; every session
+       beyond what its cache holds costs `crowding` prompts, since it will evict someone's conversation
+       (on real nodes, with conversations taking turns at their own pace, a 4-on-3 cache lost few turns
+       and a 6-on-3 one almost half: so the overflow of a full cluster is spread evenly); every bound
        session costs `spread` blocks, so a prefix every node could hold (the tools and system prompt)
        does not gather all new sessions on the first node that saw it. Nodes with
        in-flight >= max_concurrency * overload_factor are skipped unless all are.
@@ -93,17 +91,10 @@ def is_overloaded(candidate: Candidate, load: NodeLoad, overload_factor: float) 
     return load.inflight >= candidate.max_concurrency * overload_factor
 
 
-def evicted(sessions: int, capacity: int) -> int:
-    """Conversations a node's LRU loses per round of turns when one more session joins its `sessions`."""
-    if sessions < capacity:
-        return 0
-    return capacity + 1 if sessions == capacity else 1
-
-
 def cost(candidate: Candidate, load: NodeLoad, total_blocks: int, weights: CostWeights) -> float:
     """The cache-aware cost of sending a prompt of `total_blocks` blocks to a node (module docstring)."""
     capacity = load.capacity or candidate.cache_slots
-    crowd = evicted(load.sessions, capacity)
+    crowd = max(0, load.sessions + 1 - capacity)
     max_concurrency = max(1, candidate.max_concurrency)
     return (
         (total_blocks - load.matched_blocks)

@@ -26,18 +26,21 @@ local function idiv(a, b)
   return q
 end
 
--- since: the tick at which an answer first confirmed the entry (0 while pending)
-local function cm_encode(tokens, blocks, n, since)
-  return int(tokens) .. ":" .. int(n) .. ":" .. int(since) .. ":," .. table.concat(blocks, ",", 1, n) .. ","
+-- since: the tick at which an answer first confirmed the entry (0 while pending); reply: of its tokens,
+-- those the node generated
+local function cm_encode(tokens, blocks, n, since, reply)
+  return int(tokens) .. ":" .. int(n) .. ":" .. int(since) .. ":" .. int(reply) .. ":,"
+    .. table.concat(blocks, ",", 1, n) .. ","
 end
 
--- tokens, n blocks, ",b1,…,bn,", since
+-- tokens, n blocks, ",b1,…,bn,", since, reply
 local function cm_decode(v)
   local a = string.find(v, ":", 1, true)
   local b = string.find(v, ":", a + 1, true)
   local c = string.find(v, ":", b + 1, true)
-  return tonumber(string.sub(v, 1, a - 1)), tonumber(string.sub(v, a + 1, b - 1)), string.sub(v, c + 1),
-    tonumber(string.sub(v, b + 1, c - 1))
+  local d = string.find(v, ":", c + 1, true)
+  return tonumber(string.sub(v, 1, a - 1)), tonumber(string.sub(v, a + 1, b - 1)), string.sub(v, d + 1),
+    tonumber(string.sub(v, b + 1, c - 1)), tonumber(string.sub(v, c + 1, d - 1))
 end
 
 local function cm_list(body)
@@ -89,7 +92,7 @@ local function cm_unref(k, list, from)
 end
 
 local function cm_add(k, blocks, n, tokens, used)
-  redis.call("HSET", k.entries, blocks[n], cm_encode(tokens, blocks, n, 0))
+  redis.call("HSET", k.entries, blocks[n], cm_encode(tokens, blocks, n, 0, 0))
   redis.call("ZADD", k.lru, int(used), blocks[n])
   for i = 1, n do redis.call("HINCRBY", k.refs, blocks[i], 1) end
 end
@@ -118,7 +121,7 @@ local function cm_truncate(k, tip, keep, tokens, prefix)
   cm_unref(k, cm_list(body), keep + 1)
   redis.call("HDEL", k.entries, tip)
   redis.call("ZREM", k.lru, tip)
-  redis.call("HSET", k.entries, prefix[keep], cm_encode(tokens, prefix, keep, since))
+  redis.call("HSET", k.entries, prefix[keep], cm_encode(tokens, prefix, keep, since, 0))
   redis.call("ZADD", k.lru, used, prefix[keep])
 end
 
@@ -179,22 +182,27 @@ local function cm_report(k, r, block_size, max_blocks)
     if c >= best_common and c > 0 then best, best_common, best_i = t, c, i end
   end
   local predicted = 0
+  local floor, slack = 0, 20
   if best then
-    local tokens, n = cm_decode(redis.call("HGET", k.entries, best))
+    local tokens, n, _, _, reply = cm_decode(redis.call("HGET", k.entries, best))
     if best_common == n and tokens > 0 then
       predicted = math.min(r.prompt_tokens, tokens)
+      floor, slack = math.min(r.prompt_tokens, tokens - reply), 100
     elseif r.prompt_bytes > 0 then
       predicted = math.min(r.prompt_tokens, idiv(best_common * block_size * r.prompt_tokens, r.prompt_bytes))
     end
   end
-  if r.routed ~= nil and r.routed > best_common and r.prompt_bytes > 0 then
-    predicted = math.min(r.prompt_tokens, idiv(r.routed * block_size * r.prompt_tokens, r.prompt_bytes))
-  elseif r.routed ~= nil and r.routed > best_common then
+  if r.routed ~= nil and r.routed > best_common then
     predicted = 0
+    if r.prompt_bytes > 0 then
+      predicted = math.min(r.prompt_tokens, idiv(r.routed * block_size * r.prompt_tokens, r.prompt_bytes))
+    end
+    floor, slack = 0, 20
   end
+  if floor == 0 then floor = predicted end
   local slots = r.slots
   local capacity = cm_capacity(k, slots)
-  local miss = cached + math.max(MISS_SLACK_TOKENS, idiv(predicted, 20)) < predicted
+  local miss = cached + math.max(MISS_SLACK_TOKENS, idiv(floor, slack)) < floor
   if miss then redis.call("HINCRBY", k.cache, "misses", 1) end
   if best and (r.routed == nil or best_common >= r.routed) then
     local rank = #others - best_i + 1
@@ -237,7 +245,7 @@ local function cm_report(k, r, block_size, max_blocks)
     end
     local old_tokens, _, _, since = cm_decode(v)
     if old_tokens == 0 then since = tick end
-    redis.call("HSET", k.entries, tip, cm_encode(tokens, blocks, total, since))
+    redis.call("HSET", k.entries, tip, cm_encode(tokens, blocks, total, since, r.completion))
     redis.call("ZADD", k.lru, int(tick), tip)
   end
   cm_evict(k, cm_capacity(k, slots), max_blocks)

@@ -82,8 +82,7 @@ if strategy == "round-robin" then turn = redis.call("INCR", KEYS[2]) - 1 end
 -- choose (state.policy.choose_node)
 local function overloaded(c) return c.inflight >= c.max_concurrency * overload_factor end
 local function cost(c)
-  local crowd = 0  -- state.policy.evicted
-  if c.sessions == c.capacity then crowd = c.capacity + 1 elseif c.sessions > c.capacity then crowd = 1 end
+  local crowd = math.max(0, c.sessions + 1 - c.capacity)
   local max_concurrency = math.max(1, c.max_concurrency)
   return (total - c.matched) + total * (w_load * c.inflight / max_concurrency + w_crowding * crowd)
     + w_spread * c.sessions

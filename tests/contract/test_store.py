@@ -466,6 +466,23 @@ class TestCacheFeedback:
         (v,) = await store.node_views(["mac1"])
         assert (v.cache.entries, v.cache.misses) == (2, 0)  # mlx_lm keeps both entries
 
+    async def test_a_re_rendered_reply_is_no_miss_but_a_lost_turn_is(self, store: Store) -> None:
+        one = (Candidate("mac1"),)
+        edit = prompt("edit", 40, tools=False)  # 10240 tokens, then a 2000-token tool call (an Edit)
+        await answer(store, await store.route(req(edit, "e", candidates=one)), edit, cached=0, completion=2000)
+        edit2 = prompt("edit", 48, tools=False)
+        d = await store.route(req(edit2, "e", candidates=one))
+        await answer(store, d, edit2, cached=40 * TOKENS_PER_BLOCK + 30)  # the call re-rendered: reused from it
+        (v,) = await store.node_views(["mac1"])
+        assert v.cache.misses == 0
+        chat = prompt("chat", 40, tools=False)
+        await answer(store, await store.route(req(chat, "c", candidates=one)), chat, cached=0, completion=20)
+        chat2 = prompt("chat", 48, tools=False)
+        d = await store.route(req(chat2, "c", candidates=one))
+        await answer(store, d, chat2, cached=40 * TOKENS_PER_BLOCK - 300)  # 3% short of its previous prompt
+        (v,) = await store.node_views(["mac1"])
+        assert v.cache.misses == 1
+
     async def test_a_node_that_lost_its_whole_cache(self, store: Store) -> None:
         one = (Candidate("mac1"),)
         for i in range(3):
@@ -534,6 +551,6 @@ async def held_blocks(store: Store, node: str) -> int:
         assert isinstance(store, RedisStore)
         refs = {k: int(v) for k, v in (await store.client.hgetall(f"{store.prefix}node:{node}:refs")).items()}
         raw = await store.client.hgetall(f"{store.prefix}node:{node}:entries")
-        entries = [tuple(v.split(":", 3)[3].strip(",").split(",")) for v in raw.values()]
+        entries = [tuple(v.split(":", 4)[4].strip(",").split(",")) for v in raw.values()]
     assert refs == collections.Counter(b for blocks in entries for b in blocks)
     return len(refs)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_settings, parse_node, redact_url
+from proxy.config import ConfigError, load_settings, parse_node, redact_credentials, redact_url
 from tests.procs import ROOT
 
 
@@ -99,3 +99,24 @@ def test_cli_bad_config_is_one_line_exit_2(args: list[str]) -> None:
 )
 def test_node_url_credentials_are_redacted(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("node n failed: http://user:secret@mac1:8080/v1 refused", "node n failed: http://***@mac1:8080/v1 refused"),
+        ("'http://u:p@ss@h:1' and mail x@y", "'http://***@h:1' and mail x@y"),  # a raw @ inside the password
+        ('{"url":"http://u:p@h:1","x":"a@b"}', '{"url":"http://***@h:1","x":"a@b"}'),  # JSON stays JSON
+        ("https://h/p@q and a@b, no credentials", "https://h/p@q and a@b, no credentials"),
+        ("http://a:b@h and https://c@k", "http://***@h and https://***@k"),
+    ],
+)
+def test_credentials_in_any_text_are_redacted(text: str, shown: str) -> None:
+    assert redact_credentials(text) == shown
+
+
+def test_stream_deadline_from_env_and_checked() -> None:
+    assert load_settings(env={}).timeouts.stream_deadline_s == 1800
+    assert load_settings(env={"MLXMUX_STREAM_DEADLINE_S": "2.5"}).timeouts.stream_deadline_s == 2.5
+    with pytest.raises(ConfigError, match="stream_deadline_s must not be negative"):
+        load_settings(env={"MLXMUX_STREAM_DEADLINE_S": "-1"})

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 
 import pytest
 
-from proxy.logs import Fields, JsonFormatter, RequestRecord, log_access, session_label
+from proxy.logs import Fields, JsonFormatter, RedactingFormatter, RequestRecord, log_access, session_label
 
 
 @pytest.mark.parametrize(
@@ -42,3 +43,23 @@ def test_access_line(caplog: pytest.LogCaptureFixture, mode) -> None:
     assert line["cached_share"] == 0.9 and line["status"] == 200 and line["ttft_ms"] == 123.5
     assert ("session" in line) == (mode != "off")
     assert "sess-1" not in str(line)
+
+
+@pytest.mark.parametrize("inner", [logging.Formatter("%(levelname)s %(message)s"), JsonFormatter()])
+def test_log_lines_never_carry_url_credentials(inner: logging.Formatter) -> None:
+    formatter = RedactingFormatter(inner)
+    try:
+        raise RuntimeError("cannot reach http://alice:pw-123@mac1:8080/v1/models")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "mlxmux.membership",
+            logging.INFO,
+            __file__,
+            1,
+            "node %s added (%s)",
+            ("m", "http://alice:pw-123@mac1:8080"),
+            sys.exc_info(),
+        )
+    line = formatter.format(record)
+    assert "pw-123" not in line and "alice" not in line
+    assert line.count("http://***@mac1:8080") >= 2  # the message's argument, and the traceback's

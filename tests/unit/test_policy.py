@@ -74,11 +74,11 @@ def test_only_cache_aware_binds(strategy: Strategy) -> None:
         (L(inflight=2), 10, CostWeights(), 15.0),  # half loaded: + half a prompt
         (L(inflight=2), 10, CostWeights(load=0.5), 12.5),
         (L(sessions=9), 10, CostWeights(spread=0), 10.0),  # the 10th session still fits in 10 slots
-        (L(sessions=10), 10, CostWeights(spread=0), 120.0),  # the 11th makes all 11 thrash: + 11 prompts
-        (L(sessions=12), 10, CostWeights(crowding=0.5, spread=0), 15.0),  # it thrashes already: + its own
-        (L(matched=4, inflight=4, sessions=10), 8, CostWeights(spread=0), 4 + 8 * 12.0),
+        (L(sessions=10), 10, CostWeights(spread=0), 20.0),  # the 11th evicts someone: + one prompt
+        (L(sessions=12), 10, CostWeights(crowding=0.5, spread=0), 25.0),
+        (L(matched=4, inflight=4, sessions=10), 8, CostWeights(spread=0), 4 + 8 * 2.0),
         (L(matched=10, sessions=3), 10, CostWeights(spread=2.5), 7.5),  # each bound session: + spread blocks
-        (L(matched=4, inflight=4, sessions=10), 8, CostWeights(spread=1.0), 4 + 8 * 12.0 + 10),
+        (L(matched=4, inflight=4, sessions=10), 8, CostWeights(spread=1.0), 4 + 8 * 2.0 + 10),
         (L(), 0, CostWeights(), 0.0),
     ],
 )
@@ -93,7 +93,7 @@ def test_cost(load: NodeLoad, total: int, weights: CostWeights, expected: float)
         ({"a": L(matched=3), "b": L(matched=9), "c": L(matched=5)}, "b", "prefix"),
         # ... unless it is busy: 9 matched but 3/4 loaded (cost 1 + 7.5) loses to 5 matched idle (cost 5)
         ({"a": L(matched=3), "b": L(matched=9, inflight=3), "c": L(matched=5)}, "c", "prefix"),
-        # ... or crowded: the 11th session on b would make all of b's conversations thrash
+        # ... or crowded: the 11th session on b costs a whole prompt more
         ({"b": L(matched=9, sessions=10), "c": L(matched=5)}, "c", "prefix"),
         # an overloaded node is skipped even with the whole prompt cached
         ({"b": L(matched=10, inflight=8), "c": L(inflight=1)}, "a", "cold"),
@@ -144,11 +144,12 @@ def test_spread_warms_another_node_before_one_node_takes_every_session() -> None
     assert max(many.values()) - min(many.values()) <= 3, many
 
 
-def test_the_overflow_of_a_full_cluster_goes_to_one_node() -> None:
-    """12 sessions for 3 nodes holding 3 conversations each: spread evenly (4/4/4), every node's LRU thrashes
-    and no conversation stays cached; with the overflow on one node, two nodes keep all of theirs."""
+def test_the_overflow_of_a_full_cluster_is_spread_evenly() -> None:
+    """12 sessions for 3 nodes holding 3 conversations each: 4/4/4. On real nodes with sessions taking turns
+    at their own pace (bench/real_routing.py --stagger 1.5), 4/4/4 lost 5 of 60 later turns to eviction;
+    3/3/6 lost 14 of the overflow node's 30: piling the overflow on one node costs more than it saves."""
     _, sessions = place_sessions(12, 3, CostWeights())
-    assert sorted(sessions.values()) == [3, 3, 6], sessions
+    assert sorted(sessions.values()) == [4, 4, 4], sessions
 
 
 def test_equal_nodes_spread_sessions_by_rendezvous_hash() -> None:

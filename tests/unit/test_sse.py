@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import msgspec
 import pytest
@@ -130,6 +131,41 @@ def test_invalid_utf8_does_not_stop_the_stream() -> None:
 def test_many_events_in_one_feed() -> None:
     stream = b"".join(b'data: {"n":%d}\n\n' % i for i in range(100))
     assert [m.data for m in SSEDecoder().feed(stream)] == [f'{{"n":{i}}}' for i in range(100)]
+
+
+def test_an_endless_line_costs_linear_work_and_memory() -> None:
+    """32 MB in 64 KB chunks without a line end (a node streaming one endless line): each byte is searched
+    once, held once and copied once more when the line ends. Appending each chunk to the whole line held
+    so far (the old `str +=`) copied ~8.6 GB for it and held two copies at once."""
+    decoder, piece, count = SSEDecoder(), b"x" * 65536, 512
+    fed = len(piece) * count + len(b"data: ")
+    tracemalloc.start()
+    try:
+        assert decoder.feed(b"data: ") == []
+        for _ in range(count):
+            assert decoder.feed(piece) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoder.pending == fed  # what a caller bounds (server.max_answer_bytes)
+    assert decoder.scanned == fed  # nothing fed before was looked at again
+    assert peak < 1.25 * fed, f"{peak / 2**20:.1f} MiB held for a {fed / 2**20:.1f} MiB line"
+    [message] = decoder.feed(b"\n\n")
+    assert message.data is not None and len(message.data) == fed - len(b"data: ")
+    assert decoder.scanned <= 2 * fed + 2 and decoder.pending == 0
+
+
+def test_a_line_dribbled_a_byte_at_a_time_costs_a_byte_a_byte() -> None:
+    decoder, fed = SSEDecoder(), 100_000
+    tracemalloc.start()
+    try:
+        for _ in range(fed):
+            decoder.feed(b"y")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoder.pending == decoder.scanned == fed
+    assert peak < 2 * fed, f"{peak} bytes held for a {fed} byte line"  # no object per piece
 
 
 # -- encoding ----------------------------------------------------------------------------------
