@@ -25,7 +25,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.config import ConfigError, NodeConfig, normalize_node
+from proxy.config import ConfigError, NodeConfig, normalize_node, redact_url
 from proxy.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from proxy.gateway import Gateway
 from state.errors import StateUnavailable
@@ -71,7 +71,7 @@ async def add_node(request: Request) -> Response:
         raise InvalidRequest(f"node url must be http(s)://host:port, not {node.url!r}")
     shared = await gw.membership.add(node)
     state = str(gw.cluster.states.get(node.id, ""))
-    return JSONResponse({"added": node.id, "url": node.url, "state": state, "shared": shared})
+    return JSONResponse({"added": node.id, "url": redact_url(node.url), "state": state, "shared": shared})
 
 
 async def remove_node(request: Request) -> Response:

@@ -27,6 +27,7 @@ from proxy.relay import (
     deadline_failure,
     end_request,
     native_usage,
+    past_deadline,
     request_deadline,
     with_failover,
 )
@@ -199,7 +200,7 @@ async def complete(gw: Gateway, prep: Prepared) -> Response:
                 max_bytes=gw.settings.server.max_answer_bytes,
             )
         except NodeFailure as failure:
-            if failure.kind == "timeout" and time.monotonic() >= deadline:
+            if failure.kind == "timeout" and past_deadline(deadline):
                 raise deadline_failure(gw, node_id) from None
             raise
         if gw.cluster.nodes[node_id].protocol == "anthropic":
@@ -219,7 +220,7 @@ async def complete(gw: Gateway, prep: Prepared) -> Response:
         await attempt.succeed()
         return Response(_json.encode(result), media_type="application/json")
 
-    return await with_failover(gw, prep, answer, stop=lambda: time.monotonic() >= deadline)
+    return await with_failover(gw, prep, answer, stop=lambda: past_deadline(deadline))
 
 
 def _stops(body: MessagesRequest) -> list[str]:

@@ -231,13 +231,14 @@ def failure_signature(node_id: str, failure: NodeFailure) -> tuple[str, str] | N
     Two failures are "the same way" when their signatures are equal: the same kind and the same words,
     the node's id taken out. Only answers that can depend on the request have one: an HTTP error with a
     message from its body (not 502/503/504, which describe the server, not the request), a broken
-    answer or stream (mlx_lm.server hangs up on some invalid parameters). Connect errors, timeouts and
-    the gateway's own failures have none: two dead or slow nodes are two dead or slow nodes.
+    answer or stream (mlx_lm.server hangs up on some invalid parameters), unless it was over the gateway's
+    size cap (no request asks for that). Connect errors, timeouts and the gateway's own failures have
+    none: two dead or slow nodes are two dead or slow nodes.
     """
     if failure.kind in ("http_4xx", "http_5xx"):
         if failure.status in _STATE_STATUSES or failure.message == f"node answered HTTP {failure.status}":
             return None
-    elif failure.kind not in ("protocol", "stream_cut"):
+    elif failure.kind not in ("protocol", "stream_cut") or failure.oversized:
         return None
     return failure.kind, failure.message.replace(f"node {node_id}", "node")
 
@@ -278,6 +279,12 @@ def request_deadline(gw: Gateway, prep: Prepared) -> float:
     after it arrived; inf without a deadline."""
     limit = gw.settings.timeouts.stream_deadline_s
     return prep.received + limit if limit > 0 else math.inf
+
+
+def past_deadline(deadline: float) -> bool:
+    """The deadline has passed (or is within 10 ms: event-loop timers may fire a hair early), so no
+    further attempt is worth starting."""
+    return time.monotonic() >= deadline - 0.01
 
 
 def deadline_failure(gw: Gateway, node_id: str) -> NodeFailure:
@@ -469,7 +476,7 @@ class RelayResponse:
             await self._error(UpstreamError("internal error while relaying the stream"))
 
     def _no_more_attempts(self) -> bool:
-        return self.content_sent or time.monotonic() >= self.deadline
+        return self.content_sent or past_deadline(self.deadline)
 
     async def _attempt(self, attempt: Attempt) -> None:
         node_id = attempt.decision.node_id
@@ -626,7 +633,7 @@ class RelayResponse:
         """A node streaming one endless line or event would make the decoder hold it all: fail it first."""
         limit = self.settings.server.max_answer_bytes
         if decoder.pending + len(chunk) > limit:
-            raise NodeFailure("protocol", f"node {node_id} sent a stream event over {limit} bytes")
+            raise NodeFailure("protocol", f"node {node_id} sent a stream event over {limit} bytes", oversized=True)
 
     @staticmethod
     def _native_usage(data: str, attempt: Attempt) -> None:

@@ -52,12 +52,15 @@ class NodeFailure(Exception):
     The message goes to clients, logs and the node's health record (`last_error`, /cluster): any
     user:password of a URL in it (an httpx error, a node's error page) is replaced by `***`."""
 
-    def __init__(self, kind: str, message: str, *, status: int | None = None) -> None:
+    def __init__(self, kind: str, message: str, *, status: int | None = None, oversized: bool = False) -> None:
         message = redact_credentials(message)
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status
+        self.oversized = oversized
+        """The node sent more than the gateway accepts (an answer or event over its cap): no request asks
+        for that, so it never makes two nodes' failures "the same way"."""
 
     @property
     def blames_node(self) -> bool:
@@ -260,7 +263,9 @@ class NodeClient:
                 while chunk := await stream.next_chunk():
                     size += len(chunk)
                     if size > max_bytes:
-                        raise NodeFailure("protocol", f"node {self.node.id} sent a response over {max_bytes} bytes")
+                        raise NodeFailure(
+                            "protocol", f"node {self.node.id} sent a response over {max_bytes} bytes", oversized=True
+                        )
                     chunks.append(chunk)
             return b"".join(chunks)
         except TimeoutError:

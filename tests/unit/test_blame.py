@@ -370,3 +370,13 @@ def test_hostile_session_ids_are_served_and_blame_no_node(
         assert sent.startswith(key) and sent.isascii() and sent.isprintable() and len(sent) <= 2 * MAX_SESSION_ID + 1
     assert "\r" not in "".join(f"{k}{v}" for k, v in nodes.headers[-1].items())
     assert {s for s, _ in states(client).values()} == {"healthy"}
+
+
+def test_an_answer_over_the_size_cap_is_never_the_requests_fault() -> None:
+    from proxy.relay import failure_signature
+    from proxy.upstream import NodeFailure
+
+    over = NodeFailure("protocol", "node a sent a stream event over 100 bytes", oversized=True)
+    assert failure_signature("a", over) is None
+    broken = NodeFailure("protocol", "node a sent an invalid stream chunk")
+    assert failure_signature("a", broken) is not None
