@@ -29,8 +29,9 @@ report (after the answer, from the node's `cached_tokens` c)
     differently, as a tool call does) — the node had evicted it (a *miss*): every entry sharing more
     than the k blocks the node really reused is cut back to k; if `best` was the most recent entry, the
     node lost its whole cache (a restart) and every other entry is dropped, else its LRU rank r says the
-    node holds fewer than r entries and the learned capacity drops to r - 1. A hit on the oldest entry
-    lets the capacity grow back by one, up to the configured `cache_slots`. Then entries wholly inside
+    node holds fewer than r entries and the learned capacity drops toward r - 1, one step per miss
+    (under load mlx_lm's checkpoints of prompts in flight take slots for a while). A hit on the oldest
+    entry lets the capacity grow back by one, up to the configured `cache_slots`. Then entries wholly inside
     the reused part whose tokens were all reused are gone (the node's new entry extends them); those
     reused only in part stay beside it (after a tool call the template re-renders the call, so mlx_lm
     keeps both). The prompt's own entry now holds prompt + reply tokens and is the most recent; beyond
@@ -245,7 +246,9 @@ class NodeCache:
                     for t in others:
                         self._remove(t)
                 else:
-                    self.capacity = max(1, min(capacity, rank - 1))
+                    # one step at a time: a node's room also shrinks for a while under load (mlx_lm saves
+                    # checkpoints of prompts in flight as entries), so one miss is not the whole truth
+                    self.capacity = max(1, min(capacity, max(capacity - 1, rank - 1)))
                     for t in others:
                         if t in self.entries and common_prefix(self.entries[t].blocks, blocks) > held:
                             self._truncate(t, held, cached)

@@ -216,7 +216,8 @@ local function cm_report(k, r, block_size, max_blocks)
       if rank == 1 then
         for _, t in ipairs(others) do cm_remove(k, t) end
       else
-        redis.call("HSET", k.cache, "capacity", int(math.max(1, math.min(capacity, rank - 1))))
+        local learned = math.max(1, math.min(capacity, math.max(capacity - 1, rank - 1)))
+        redis.call("HSET", k.cache, "capacity", int(learned))
         for _, t in ipairs(others) do
           local v = redis.call("HGET", k.entries, t)
           if v then

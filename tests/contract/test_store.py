@@ -494,19 +494,31 @@ class TestCacheFeedback:
         assert (v.cache.entries, v.cache.misses, v.cache.capacity) == (1, 1, 0)  # a restart, not a small cache
 
     async def test_capacity_grows_back_on_hits_at_the_oldest_entry(self, store: Store) -> None:
-        one = (Candidate("mac1", cache_slots=4),)
+        one = (Candidate("mac1", cache_slots=3),)
         prompts = [prompt(f"g{i}", 2, tools=False) for i in range(3)]
         for p in prompts:
-            await answer(store, await store.route(req(p, candidates=one)), p, cached=0, slots=4)
+            await answer(store, await store.route(req(p, candidates=one)), p, cached=0, slots=3)
         again = prompt("g0", 2, tools=False)
-        await answer(store, await store.route(req(again, candidates=one)), again, cached=0, slots=4)  # rank 3 gone
+        await answer(store, await store.route(req(again, candidates=one)), again, cached=0, slots=3)  # rank 3 gone
         (v,) = await store.node_views(["mac1"])
         assert v.cache.capacity == 2
         p = prompt("g2", 3, tools=False)  # g2 is now the oldest of the two: a hit there says the node holds more
         d = await store.route(req(p, candidates=one))
-        await answer(store, d, p, cached=2 * TOKENS_PER_BLOCK + 10, slots=4)
+        await answer(store, d, p, cached=2 * TOKENS_PER_BLOCK + 10, slots=3)
         (v,) = await store.node_views(["mac1"])
         assert v.cache.capacity == 3
+
+    async def test_capacity_is_learned_one_step_per_miss(self, store: Store) -> None:
+        one = (Candidate("mac1", cache_slots=10),)
+        prompts = [prompt(f"k{i}", 2, tools=False) for i in range(3)]
+        for p in prompts:
+            await answer(store, await store.route(req(p, candidates=one)), p, cached=0)
+        for expected in (9, 8):  # the oldest entry missed twice: down by one each time, not to 2 at once
+            first = prompts[0]
+            await answer(store, await store.route(req(first, candidates=one)), first, cached=0)
+            (v,) = await store.node_views(["mac1"])
+            assert v.cache.capacity == expected
+            prompts = [*prompts[1:], first]
 
     async def test_a_failed_request_stored_nothing(self, store: Store) -> None:
         one = (Candidate("mac1"),)
