@@ -89,6 +89,8 @@ class Gateway:
         self._store_backoff = 0.0
         self._store_retry_at = 0.0
         self._local_leases: set[Lease] = set()
+        self._belief_warned: set[str] = set()
+        """Nodes whose contradicting reports were already logged (once per node and process)."""
         self.calibration: dict[str, float] = {}
         """Pool -> bytes of translated prompt per token, from its nodes' own prompt_tokens reports."""
         self.latency_order: tuple[str, ...] = ()
@@ -397,6 +399,11 @@ class Gateway:
             self._mark_store(False)
             return
         self.calibration = calibration(views, {n.id: n.pool for n in self.cluster.nodes.values()})
+        for view in views:
+            warning = belief_warning(view)
+            if warning and view.node_id not in self._belief_warned:
+                self._belief_warned.add(view.node_id)
+                log.warning("node %s: %s", view.node_id, warning)
 
     def bytes_per_token(self, pool: str) -> float:
         return self.calibration.get(pool, DEFAULT_BYTES_PER_TOKEN)
@@ -440,6 +447,31 @@ class BindingCache:
         self._entries[key] = (node_id, self._clock() + self.ttl_s)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
+
+
+BELIEF_MIN_REPORTS = 20
+"""Answers a node needs before the router judges its belief about the node's cache (`belief_warning`)."""
+
+
+def belief_warning(view: NodeView) -> str | None:
+    """Why routing to this node is flying blind, when its answers keep contradicting the router's model of
+    its cache: most answers missed what the router expected (wrong cache_slots, prompt_order, or other
+    clients on the node), or the node reuses far less than expected."""
+    c = view.cache
+    if c.reports < BELIEF_MIN_REPORTS:
+        return None
+    if c.misses * 2 > c.reports:
+        return (
+            f"{c.misses} of {c.reports} answers reused less than the router expected: check that cache_slots "
+            "matches its --prompt-cache-size, that prompt_order matches its chat template, and that nothing "
+            "else sends it requests (docs/routing.md)"
+        )
+    if c.prompt_tokens and c.predicted_tokens - c.reported_tokens > 0.2 * c.prompt_tokens:
+        return (
+            f"the router expected {c.predicted_tokens / c.prompt_tokens:.0%} of its prompt tokens cached, it "
+            f"reported {c.reported_tokens / c.prompt_tokens:.0%}: check prompt_order and cache_slots (docs/routing.md)"
+        )
+    return None
 
 
 MIN_CALIBRATION_TOKENS = 1000

@@ -245,5 +245,29 @@ async def count_tokens(request: Request) -> Response:
     raw = await read_body(request, gw.settings.server.max_body_bytes, gw.settings.server.body_timeout_s)
     body = decode_count_tokens_request(raw)
     check_limits(body, gw.settings.server)
-    tokens = estimate_tokens(body, gw.bytes_per_token(gw.settings.pool_for(body.model)))
+    pool = gw.settings.pool_for(body.model)
+    tokens = await native_count(gw, pool, raw)
+    if tokens is None:
+        tokens = estimate_tokens(body, gw.bytes_per_token(pool))
     return Response(_json.encode({"input_tokens": tokens}), media_type="application/json")
+
+
+async def native_count(gw: Gateway, pool: str, raw: bytes) -> int | None:
+    """The exact count from a routable native node of the pool (llama-server, vLLM and LM Studio serve
+    `/v1/messages/count_tokens`), or None when the pool has none or none answered in time."""
+    for candidate in gw.cluster.candidates(pool):
+        node = gw.cluster.nodes[candidate.node_id]
+        if node.protocol != "anthropic":
+            continue
+        fields = msgspec.json.decode(to_native_body(raw, model_id=node.model, max_tokens_cap=1))
+        fields.pop("max_tokens", None)  # count_tokens takes none
+        try:
+            answer = await gw.cluster.clients[node.id].post(
+                "/v1/messages/count_tokens", _json.encode(fields), timeout=gw.settings.health.timeout_s, max_bytes=65536
+            )
+            count = msgspec.json.decode(answer).get("input_tokens")
+        except (NodeFailure, msgspec.DecodeError, AttributeError, RecursionError):
+            continue
+        if isinstance(count, int) and count >= 0:
+            return count
+    return None

@@ -87,3 +87,19 @@ def test_metrics_and_json_access_log() -> None:
         assert PROMPT_MARKER not in log
         assert KEY_MARKER not in log
         assert SESSION not in log
+
+
+def test_debug_logs_show_the_gateways_decisions_not_every_http_request() -> None:
+    """httpx logs each request at INFO (four lines a probe round): off, even at debug level."""
+    env = {"MLXMUX_LOG_LEVEL": "debug", "MLXMUX_HEALTH_INTERVAL_S": "0.2"}
+    with sim_node() as node, gateway(node.url, env=env) as gw:
+        with httpx.Client(timeout=10) as client:
+            client.post(
+                gw.url + "/v1/messages",
+                json={"model": "claude-opus-4-8", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+            )
+        time.sleep(1.0)  # several probe rounds
+        out = gw.output()
+    assert "mlxmux.access" in out  # the gateway's own lines are there
+    assert "HTTP Request:" not in out, out[-2000:]
+    assert not [line for line in out.splitlines() if " httpx " in line or " httpcore" in line]

@@ -128,6 +128,15 @@ def test_native_anthropic_node_is_passed_through_and_routed() -> None:
         assert stats["messages_requests"] == stats["requests"] == 2
         nodes = httpx.get(gw.url + "/cluster", timeout=5).json()["nodes"]
         assert [(n["id"], n["state"]) for n in nodes] == [("native", "healthy")]
+        # a native node counts tokens itself: count_tokens is its exact answer, not the gateway's estimate
+        counted = client.messages.count_tokens(model=body["model"], messages=body["messages"], tools=body["tools"])
+        direct = httpx.post(
+            native.url + "/v1/messages/count_tokens",
+            json={"messages": body["messages"], "tools": body["tools"]},
+            timeout=5,
+        ).json()["input_tokens"]
+        assert counted.input_tokens == direct
+        assert httpx.get(native.url + "/_sim/stats", timeout=5).json()["requests"] == 2  # counting is no request
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.gateway import MIN_CALIBRATION_TOKENS, calibration
+from proxy.gateway import MIN_CALIBRATION_TOKENS, belief_warning, calibration
 from proxy.translate import estimate_tokens, prompt_bytes
 from proxy.wire.anthropic import decode_messages_request
 from state.cache_model import CacheCounters
@@ -37,3 +37,18 @@ def test_the_estimate_uses_the_calibrated_ratio() -> None:
     # what the real node counted for the same prompt is what the calibrated estimate gives back
     ratio = calibration([view("a", size, 12_345)], {"a": "p"})["p"]
     assert estimate_tokens(req, ratio) == 12_345
+
+
+def test_a_node_whose_answers_keep_contradicting_the_router_is_named() -> None:
+    def with_cache(**counters: int) -> NodeView:
+        return NodeView(node_id="mac1", inflight=0, sessions=0, stats=NodeStats(), cache=CacheCounters(**counters))
+
+    assert belief_warning(with_cache(reports=10, misses=10)) is None  # too few answers to judge
+    healthy = with_cache(reports=40, misses=4, prompt_tokens=1000, predicted_tokens=800, reported_tokens=750)
+    assert belief_warning(healthy) is None
+    missed = belief_warning(with_cache(reports=40, misses=30))
+    assert missed is not None and "30 of 40" in missed and "cache_slots" in missed
+    blind = belief_warning(
+        with_cache(reports=40, misses=0, prompt_tokens=1000, predicted_tokens=800, reported_tokens=300)
+    )
+    assert blind is not None and "80%" in blind and "30%" in blind and "prompt_order" in blind
