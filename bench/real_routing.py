@@ -63,7 +63,7 @@ import httpx
 from tests.claude_code_request import _filler, claude_code_request, sdk_kwargs
 from tests.procs import Proc, gateway, redis_server
 from tests.realnode import build_tiny_model, free_port, start_mlx_server, stop_server, wait_ready
-from tests.team import _user_turn
+from tests.team import add_turn
 
 TOOLS = 2  # of Claude Code's 24 tools (~1.2k tokens each with the tiny model's tokenizer); --tools sets it
 SYSTEM_WORDS = 400  # of the ~1000-word system prompt
@@ -182,11 +182,7 @@ async def run_team(
         history: list[dict[str, Any]] = []
         await asyncio.sleep(s * stagger + rng.uniform(0, think))
         for t in range(1, turns + 1):
-            history.append(_user_turn(sid, t, file_lines))
-            if t == 2:
-                history.append(
-                    {"role": "system", "content": "<system-reminder>Files changed on disk.</system-reminder>"}
-                )
+            add_turn(history, sid, t, file_lines)
             body["messages"] = history
             replica = (s + t) % len(clients)
             r = TurnResult(sid, t, replica)

@@ -26,6 +26,16 @@ class JsonHandler(BaseHTTPRequestHandler):
         pass
 
 
+class ChatNodeHandler(JsonHandler):
+    """A fake chat-completions node's probes: `/health` is ok and `/v1/models` lists model `m`."""
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self.reply(200, {"status": "ok"})
+        else:
+            self.reply(200, {"object": "list", "data": [{"id": "m"}]})
+
+
 @contextlib.contextmanager
 def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """Serve `handler` on a free 127.0.0.1 port in a thread; yields the base URL."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -112,11 +113,7 @@ async def run_team(
         body = claude_code_request(sid, 1, max_tokens=64)
         history: list[dict[str, object]] = []
         for t in range(1, turns + 1):
-            history.append(_user_turn(sid, t, file_lines))
-            if t == 2:
-                history.append(
-                    {"role": "system", "content": "<system-reminder>Files changed on disk.</system-reminder>"}
-                )
+            add_turn(history, sid, t, file_lines)
             body["messages"] = history
             client = clients[(s + t) % len(clients)]
             async with gate:
@@ -141,6 +138,14 @@ async def run_team(
             await c.close()
     result.seconds = time.monotonic() - started
     return result
+
+
+def add_turn(history: list[Any], session: str, turn: int, file_lines: int) -> None:
+    """Turn `turn` of a Claude-Code-shaped conversation: the user's message with a file it read, and on the
+    second turn a mid-conversation system reminder, as Claude Code sends."""
+    history.append(_user_turn(session, turn, file_lines))
+    if turn == 2:
+        history.append({"role": "system", "content": "<system-reminder>Files changed on disk.</system-reminder>"})
 
 
 def _user_turn(session: str, turn: int, file_lines: int) -> dict[str, object]:

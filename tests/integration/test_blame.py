@@ -20,7 +20,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.fake_http import JsonHandler, serving
+from tests.fake_http import ChatNodeHandler, serving
 from tests.procs import Proc, gateway, sim_node
 
 pytestmark = pytest.mark.slow
@@ -170,15 +170,9 @@ def completion_stream() -> bytes:
     return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
 
 
-class PickyNode(JsonHandler):
+class PickyNode(ChatNodeHandler):
     """A chat-completions node (HTTP/1.0, like mlx_lm.server) that answers any prompt containing POISON
     with a 500 and always the same message, as every copy of the same server would."""
-
-    def do_GET(self) -> None:
-        if self.path == "/health":
-            self.reply(200, {"status": "ok"})
-        else:
-            self.reply(200, {"object": "list", "data": [{"id": "m"}]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from tests.fake_http import JsonHandler, serving
+from tests.fake_http import ChatNodeHandler, serving
 from tests.procs import ROOT, gateway
 
 pytestmark = pytest.mark.slow
@@ -26,18 +26,12 @@ BODY = {"model": "claude-opus-4-8", "max_tokens": 8, "messages": [{"role": "user
 ANSWER = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}]}
 
 
-class KeyedNode(JsonHandler):
+class KeyedNode(ChatNodeHandler):
     """A chat node behind basic auth. mode "echo": it fails with a proxy's error page naming its URL."""
 
     mode: ClassVar[str] = "ok"
     url: ClassVar[str] = ""
     authorizations: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        if self.path == "/health":
-            self.reply(200, {"status": "ok"})
-        else:
-            self.reply(200, {"object": "list", "data": [{"id": "m"}]})
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
