@@ -84,6 +84,15 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlxmux")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "sim-node":
@@ -95,12 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     parser = argparse.ArgumentParser(prog="mlxmux", description="Claude Code gateway for a team's own Macs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"mlxmux {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     ops.add_parsers(sub)
     sub.add_parser("sim-node", help="run a simulated mlx_lm.server (mlxmux sim-node --help)", add_help=False)
     sub.add_parser("demo", help="start sim nodes and a gateway to try with Claude Code", add_help=False)
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `mlxmux`
+        parser.print_help()
+        return 0
     try:
         if args.command == "serve":
             return serve(settings_from_args(args))

@@ -393,4 +393,6 @@ def load_settings(
         raise ConfigError(f"redis url {settings.redis_url!r} must start with redis://, rediss:// or unix://")
     if settings.routing.max_attempts < 1:
         raise ConfigError("routing.max_attempts must be at least 1")
+    if not 0 < settings.server.port <= 65535:
+        raise ConfigError(f"server.port must be 1..65535, not {settings.server.port}")
     return msgspec.structs.replace(settings, nodes=finished)

@@ -120,3 +120,20 @@ def test_stream_deadline_from_env_and_checked() -> None:
     assert load_settings(env={"MLXMUX_STREAM_DEADLINE_S": "2.5"}).timeouts.stream_deadline_s == 2.5
     with pytest.raises(ConfigError, match="stream_deadline_s must not be negative"):
         load_settings(env={"MLXMUX_STREAM_DEADLINE_S": "-1"})
+
+
+@pytest.mark.parametrize("port", ["0", "99999", "-1"])
+def test_a_port_out_of_range_stops_the_gateway(port: str) -> None:
+    with pytest.raises(ConfigError, match=r"server\.port must be 1\.\.65535"):
+        load_settings(env={"MLXMUX_PORT": port})
+
+
+def test_bare_mlxmux_prints_help_and_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    assert main([]) == 0
+    assert "serve" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("mlxmux ")
