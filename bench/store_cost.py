@@ -57,14 +57,8 @@ def blocks_of(raw: bytes, limits: RoutingLimits) -> tuple[tuple[str, ...], int]:
     """What `proxy.messages.prepare` computes: the prompt's capped block hashes and its byte length."""
     chat = to_chat_request(decode_messages_request(raw), model_id=None, max_tokens_cap=32768)
     parts = prompt_parts(chat)
-    limit = limits.block_size * limits.max_request_blocks
-    head, size = [], 0
-    for part in parts:
-        if size >= limit:
-            break
-        head.append(part[: limit - size])
-        size += len(head[-1])
-    return block_hashes([b"".join(head)], salt="default", block_size=limits.block_size), sum(len(p) for p in parts)
+    blocks = block_hashes(parts, salt="default", block_size=limits.block_size, max_blocks=limits.max_request_blocks)
+    return blocks, sum(len(p) for p in parts)
 
 
 def cpu_ms(fn: Any, *args: Any) -> float:

@@ -108,8 +108,7 @@ def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
     parts = prompt_parts(chat, tools_first=gw.cluster.prompt_order(pool) == "tools-first")
     routing = settings.routing
     # Bounded work per request: only the first max_request_blocks blocks are hashed, matched and recorded.
-    head = _head_bytes(parts, routing.block_size * routing.max_request_blocks)
-    blocks = block_hashes([head], salt=pool, block_size=routing.block_size)
+    blocks = block_hashes(parts, salt=pool, block_size=routing.block_size, max_blocks=routing.max_request_blocks)
     return Prepared(
         raw=raw,
         body=body,
@@ -122,18 +121,6 @@ def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
         received=time.monotonic(),
         prompt_bytes=sum([len(p) for p in parts]),
     )
-
-
-def _head_bytes(parts: list[bytes], limit: int) -> bytes:
-    """The first `limit` bytes of the parts joined (without joining a 30 MB prompt whole)."""
-    out: list[bytes] = []
-    size = 0
-    for part in parts:
-        if size >= limit:
-            break
-        out.append(part[: limit - size])
-        size += len(out[-1])
-    return b"".join(out)
 
 
 def upstream_request(gw: Gateway, prep: Prepared, node_id: str) -> tuple[str, bytes]:

@@ -81,3 +81,10 @@ def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def test_max_blocks_hashes_only_the_first_blocks_and_they_are_the_same() -> None:
+    parts = [b"a" * 1000, b"b" * 5000, b"c" * 100_000]
+    whole = block_hashes(parts, salt="p", block_size=64)
+    assert block_hashes(parts, salt="p", block_size=64, max_blocks=10) == whole[:10]
+    assert block_hashes(parts, salt="p", block_size=64, max_blocks=10_000) == whole
