@@ -103,8 +103,6 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._maintain(), name="mlxmux-health"))
         self._tasks.append(asyncio.create_task(self._renew_leases(), name="mlxmux-leases"))
         self._tasks.append(asyncio.create_task(self._repair_loop(), name="mlxmux-repairs"))
-        if self.settings.routing.strategy == Strategy.LATENCY_BASED:
-            self._tasks.append(asyncio.create_task(self._refresh_latency(), name="mlxmux-latency"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -387,18 +385,22 @@ class Gateway:
                 await self.membership.sync()
                 await self.health.round()
                 if not self._store_closed():
-                    await self.calibrate()
+                    await self.refresh_views()
             except Exception:  # a bug here must not end health checking for the life of the process
                 log.exception("health round failed")
 
-    async def calibrate(self) -> None:
-        """Bytes per token of each pool, from the prompts its nodes reported (shared: every replica agrees)."""
+    async def refresh_views(self) -> None:
+        """What this replica derives from every node's shared outcome statistics, read once an interval:
+        each pool's bytes per token (from the prompts its nodes reported), the latency order (for
+        `latency-based`), and a warning for a node whose reports keep contradicting the cache model."""
         try:
             views = await self.store.node_views(list(self.cluster.nodes))
         except StateUnavailable:
             self._mark_store(False)
             return
         self.calibration = calibration(views, {n.id: n.pool for n in self.cluster.nodes.values()})
+        if self.settings.routing.strategy == Strategy.LATENCY_BASED:
+            self.latency_order = latency_order(views)
         for view in views:
             warning = belief_warning(view)
             if warning and view.node_id not in self._belief_warned:
@@ -407,15 +409,6 @@ class Gateway:
 
     def bytes_per_token(self, pool: str) -> float:
         return self.calibration.get(pool, DEFAULT_BYTES_PER_TOKEN)
-
-    async def _refresh_latency(self) -> None:
-        while True:
-            try:
-                views = await self.store.node_views(list(self.cluster.nodes))
-                self.latency_order = latency_order(views)
-            except StateUnavailable:
-                self._mark_store(False)
-            await asyncio.sleep(self.settings.health.interval_s)
 
 
 class BindingCache:
