@@ -88,6 +88,14 @@ class TeamResult:
     seconds: float = 0.0
     input_tokens: int = 0
     cache_read_tokens: int = 0
+    later_input_tokens: int = 0
+    """Prompt tokens of turns 2 and later: what placement decides (a first turn's cache hits depend on
+    which sessions' first turns happened to finish before it started)."""
+    later_cache_read_tokens: int = 0
+
+    @property
+    def later_cached_share(self) -> float:
+        return self.later_cache_read_tokens / self.later_input_tokens if self.later_input_tokens else 0.0
 
 
 async def run_team(
@@ -123,8 +131,13 @@ async def run_team(
                     history.append(
                         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in final.content]}
                     )
-                    result.input_tokens += final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0)
-                    result.cache_read_tokens += final.usage.cache_read_input_tokens or 0
+                    prompt = final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0)
+                    cached = final.usage.cache_read_input_tokens or 0
+                    result.input_tokens += prompt
+                    result.cache_read_tokens += cached
+                    if t > 1:
+                        result.later_input_tokens += prompt
+                        result.later_cache_read_tokens += cached
                 except anthropic.APIError as exc:
                     result.errors.append(f"{sid} turn {t}: {exc}")
                     history.append({"role": "assistant", "content": "(interrupted)"})

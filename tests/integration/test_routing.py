@@ -30,7 +30,8 @@ def sims() -> Iterator[list[Proc]]:
         yield [stack.enter_context(sim_node("--prompt-cache-size", str(CACHE), *FAST_SIM)) for _ in range(3)]
 
 
-def team_report(sims: list[Proc], redis_url: str | None, strategy: str, prefix: str) -> NodeReport:
+def team_report(sims: list[Proc], redis_url: str | None, strategy: str, prefix: str) -> tuple[NodeReport, float]:
+    """The nodes' own counters, and the cached share of turns 2 and later as the client saw it."""
     reset_nodes(sims)
     with gateways(sims, redis_url, strategy=strategy, count=3 if redis_url else 1, key_prefix=prefix) as replicas:
         result = asyncio.run(run_team([r.url for r in replicas], sessions=SESSIONS, turns=TURNS))
@@ -39,29 +40,34 @@ def team_report(sims: list[Proc], redis_url: str | None, strategy: str, prefix: 
     report = node_report(sims)
     assert report.prompt_tokens == result.input_tokens  # the client saw what the nodes counted
     assert report.cached_tokens == result.cache_read_tokens
-    return report
+    return report, result.later_cached_share
 
 
 def test_team_sessions_stay_on_one_node_and_hit_the_cache(sims: list[Proc], redis_url: str) -> None:
     # The best any placement can do: one node whose cache holds every conversation.
     with sim_node("--prompt-cache-size", "200", *FAST_SIM) as big:
-        best = team_report([big], None, "cache-aware", "best:")
-    aware = team_report(sims, redis_url, "cache-aware", "aware:")
-    rr = team_report(sims, redis_url, "round-robin", "rr:")
-    rand = team_report(sims, redis_url, "random", "random:")
+        best, best_later = team_report([big], None, "cache-aware", "best:")
+    aware, aware_later = team_report(sims, redis_url, "cache-aware", "aware:")
+    rr, rr_later = team_report(sims, redis_url, "round-robin", "rr:")
+    rand, rand_later = team_report(sims, redis_url, "random", "random:")
     print(
         f"\ncached share: best {best.cached_share:.3f}  cache-aware {aware.cached_share:.3f}  "
         f"round-robin {rr.cached_share:.3f}  random {rand.cached_share:.3f}"
+        f"\nturns 2+: best {best_later:.3f}  cache-aware {aware_later:.3f}  round-robin {rr_later:.3f}  "
+        f"random {rand_later:.3f}"
     )
     # Every session stayed on one node, though each turn went through another replica.
     assert len(aware.nodes_per_session) == SESSIONS
     assert aware.sessions_split == []
     # Sessions were spread, not piled on the node that first held the shared tools prefix.
     assert max(aware.requests_per_node.values()) <= 5 * TURNS
-    # Near the best possible, far above the baselines (which scatter every session).
-    assert aware.cached_share >= best.cached_share - 0.04
-    assert aware.cached_share >= rr.cached_share + 0.10
-    assert aware.cached_share >= rand.cached_share + 0.10
+    # Near the best possible on the turns placement decides (first turns all start at once, so whether
+    # they find the shared tools prefix depends on which finished first, on the bound's node too: the
+    # whole-run bound swung from 0.78 to 0.87 between runs), far above the baselines (which scatter every
+    # session).
+    assert aware_later >= best_later - 0.04
+    assert aware_later >= rr_later + 0.10
+    assert aware_later >= rand_later + 0.10
     assert len(rr.sessions_split) == SESSIONS
 
 
