@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxy import admin
 from proxy.auth import ApiKeyMiddleware
 from proxy.cluster import Cluster
-from proxy.config import Settings, load_settings, redact_url
+from proxy.config import Settings, load_settings, pool_windows, redact_url
 from proxy.errors import GatewayError, HeadersTooLarge, NotFound, error_body, error_headers
 from proxy.gateway import Gateway
 from proxy.messages import count_tokens, messages
@@ -153,6 +153,10 @@ async def cluster_view(gw: Gateway) -> dict[str, object]:
             entry["sessions"] = view.sessions
             entry["stats"] = msgspec.to_builtins(view.stats)
             entry["cache"] = belief_view(view.cache, node.cache_slots)
+            entry["requests"] = [msgspec.to_builtins(r) for r in view.requests]
+        window = gw.cluster.window(node)
+        if window is not None:
+            entry["context_window"] = window
         nodes.append(entry)
     return {
         "status": gw.cluster.status(),
@@ -198,7 +202,7 @@ def build_app(
                 **_store_limits(settings),
             )
         )
-        gw = Gateway(settings, shared, Cluster(settings.nodes, settings.timeouts, transport))
+        gw = Gateway(settings, shared, Cluster(settings.nodes, settings.timeouts, transport, pool_windows(settings)))
         app.state.gateway = gw
         app.state.started = time.time()
         await gw.start()

@@ -6,7 +6,7 @@ probes and from the shared store, so every replica converges on the same picture
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import httpx
 
@@ -22,9 +22,12 @@ class Cluster:
         nodes: Iterable[NodeConfig],
         timeouts: TimeoutConfig,
         transport: httpx.AsyncBaseTransport | None = None,
+        pool_windows: Mapping[str, int] | None = None,
     ) -> None:
         self.timeouts = timeouts
         self._transport = transport
+        self.pool_windows = dict(pool_windows or {})
+        """Pool -> context window of its nodes that set none of their own (`[pools.NAME] context_window`)."""
         self.nodes: dict[str, NodeConfig] = {}
         self.clients: dict[str, NodeClient] = {}
         self.states: dict[str, NodeState] = {}
@@ -52,8 +55,21 @@ class Cluster:
     def pools(self) -> list[str]:
         return sorted({n.pool for n in self.nodes.values()})
 
-    def candidates(self, pool: str, exclude: Iterable[str] = ()) -> tuple[Candidate, ...]:
-        """Routable nodes of a pool in configured order: healthy or degraded, and not draining.
+    def window(self, node: NodeConfig) -> int | None:
+        """The node's context window in tokens (its own, else its pool's); None = not declared."""
+        return node.context_window or self.pool_windows.get(node.pool)
+
+    def max_window(self, pool: str) -> int | None:
+        """The largest context window among the pool's nodes, or None when any node declares none (or the
+        pool has no nodes): a prompt over it fits no node of the pool."""
+        windows = [self.window(n) for n in self.nodes.values() if n.pool == pool]
+        if not windows or None in windows:
+            return None
+        return max(w for w in windows if w is not None)
+
+    def candidates(self, pool: str, exclude: Iterable[str] = (), tokens: int = 0) -> tuple[Candidate, ...]:
+        """Routable nodes of a pool in configured order: healthy or degraded, not draining, and holding a
+        prompt of `tokens` tokens (a node that declares no context window holds any).
 
         A node is never used before a probe has passed (`initializing`): the gateway probes every node
         before it starts serving, and nodes added later are validated the same way.
@@ -62,7 +78,10 @@ class Cluster:
         return tuple(
             Candidate(n.id, n.max_concurrency, n.cache_slots)
             for n in self.nodes.values()
-            if n.pool == pool and n.id not in excluded and self.states.get(n.id) in ROUTABLE_STATES
+            if n.pool == pool
+            and n.id not in excluded
+            and self.states.get(n.id) in ROUTABLE_STATES
+            and (tokens <= (self.window(n) or tokens))
         )
 
     def status(self) -> str:

@@ -50,6 +50,14 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prompt_order: Literal["system-first", "tools-first"] = "system-first"
     """The order the node's chat template renders the system prompt and the tools (Qwen, Llama, GLM: system
     first). Prompts are hashed in this order, so it must match for prefix routing (docs/routing.md)."""
+    context_window: int | None = None
+    """Tokens the node's model holds (prompt + reply); None = the pool's `context_window`, else unchecked.
+    Longer prompts go to nodes that hold them, or get Anthropic's `prompt is too long` 400 (mlx_lm.server
+    does not check and serves them badly)."""
+
+    def __post_init__(self) -> None:
+        if self.context_window is not None and self.context_window < 1:
+            raise ValueError("context_window must be at least 1 token")
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -115,6 +123,12 @@ class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A bound session counts against its node's cache while its last turn is this recent."""
     max_attempts: int = 3
     """Nodes tried for one request before giving up (only before any content reached the client)."""
+    join_resends: bool = True
+    """A streamed request identical to one in flight (same session, model, prompt) joins its answer instead of
+    making a node compute it again (docs/architecture.md, "Resends join the answer in flight")."""
+    resend_grace_s: float = 1.5
+    """When a client leaves, how long its answer goes on for a resend to join before the node's request is
+    cancelled (Claude Code resends about half a second after giving up)."""
     retry_after_s: int = 10
     """Retry-After sent with 503 cluster_unavailable."""
     key_prefix: str = "mlxmux:"
@@ -207,6 +221,7 @@ class DiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     images: bool = False
     late_system: Literal["user", "system"] = "user"
     api_key: str | None = None
+    context_window: int | None = None
 
     def __post_init__(self) -> None:
         # Raised as ValueError so msgspec reports it with its path, like any other bad value.
@@ -222,6 +237,17 @@ class DiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("discovery max_concurrency and cache_slots must be at least 1")
 
 
+class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Settings shared by the nodes of one pool (`[pools.NAME]`); a node's own value wins."""
+
+    context_window: int | None = None
+    """Tokens each node of the pool holds (see NodeConfig.context_window)."""
+
+    def __post_init__(self) -> None:
+        if self.context_window is not None and self.context_window < 1:
+            raise ValueError("context_window must be at least 1 token")
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     timeouts: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
@@ -232,6 +258,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
     models: dict[str, str] = msgspec.field(default_factory=dict)
     """Model map: glob pattern of a requested model name → pool. Unmatched names go to `default`."""
+    pools: dict[str, PoolConfig] = msgspec.field(default_factory=dict)
     redis_url: str | None = None
 
     def pool_for(self, model: str) -> str:
@@ -239,6 +266,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if fnmatch.fnmatchcase(model, pattern):
                 return pool
         return "default"
+
+
+def pool_windows(settings: Settings) -> dict[str, int]:
+    """Pool -> the context window its `[pools.NAME]` table declares for nodes that declare none."""
+    return {name: pool.context_window for name, pool in settings.pools.items() if pool.context_window is not None}
 
 
 def redact_url(url: str) -> str:
@@ -326,6 +358,8 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_SESSION_TTL_S": ("routing", "session_ttl_s"),
     "MLXMUX_LEASE_TTL_S": ("routing", "lease_ttl_s"),
     "MLXMUX_MAX_ATTEMPTS": ("routing", "max_attempts"),
+    "MLXMUX_JOIN_RESENDS": ("routing", "join_resends"),
+    "MLXMUX_RESEND_GRACE_S": ("routing", "resend_grace_s"),
     "MLXMUX_CACHE_FEEDBACK": ("routing", "cache_feedback"),
     "MLXMUX_SESSION_ACTIVE_S": ("routing", "session_active_s"),
     "MLXMUX_KEY_PREFIX": ("routing", "key_prefix"),

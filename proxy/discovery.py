@@ -88,6 +88,7 @@ def discovered_node(config: DiscoveryConfig, host: str, port: int, node_id: str 
         images=config.images,
         late_system=config.late_system,
         api_key=config.api_key,
+        context_window=config.context_window,
     )
 
 

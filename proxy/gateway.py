@@ -33,8 +33,10 @@ from proxy.config import Settings
 from proxy.discovery import DiscoveryRunner, make_discovery
 from proxy.errors import ClusterUnavailable
 from proxy.health import HealthMonitor
+from proxy.joins import JoinHub
 from proxy.membership import Membership
 from proxy.metrics import Metrics
+from proxy.progress import REPORT_INTERVAL_S, ProgressBook
 from proxy.translate import DEFAULT_BYTES_PER_TOKEN
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
@@ -95,6 +97,10 @@ class Gateway:
         """Pool -> bytes of translated prompt per token, from its nodes' own prompt_tokens reports."""
         self.latency_order: tuple[str, ...] = ()
         """Node ids fastest first by shared p50 time to first token (for `latency-based`)."""
+        self.joins = JoinHub(self)
+        """Streamed answers this replica owns, which resent copies of their requests may join (proxy.joins)."""
+        self.progress = ProgressBook()
+        """What this replica's requests in flight are doing (proxy.progress), sent to the store once a second."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -103,8 +109,10 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._maintain(), name="mlxmux-health"))
         self._tasks.append(asyncio.create_task(self._renew_leases(), name="mlxmux-leases"))
         self._tasks.append(asyncio.create_task(self._repair_loop(), name="mlxmux-repairs"))
+        self._tasks.append(asyncio.create_task(self._report_progress(), name="mlxmux-progress"))
 
     async def stop(self) -> None:
+        self.joins.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -141,6 +149,10 @@ class Gateway:
         """True while the circuit around the shared store is open (recent failure, retry not yet due)."""
         return not self.store_ok and time.monotonic() < self._store_retry_at
 
+    def store_circuit_open(self) -> bool:
+        """True while the shared store is skipped after a failure (callers do without it meanwhile)."""
+        return self._store_closed()
+
     def _answered(self, sent_at: float) -> None:
         """A store call sent at `sent_at` (monotonic) was answered."""
         self._answered_at = max(self._answered_at, sent_at)
@@ -166,12 +178,17 @@ class Gateway:
             return msgspec.structs.replace(decision, reason=reason)
         return await self.local_store.route(request)
 
-    async def route(self, pool: str, blocks: tuple[str, ...], session: str | None, exclude: Iterable[str]) -> Decision:
-        """Choose a node for one attempt; raises ClusterUnavailable when no node of the pool is routable."""
-        candidates = self.cluster.candidates(pool, exclude)
+    async def route(
+        self, pool: str, blocks: tuple[str, ...], session: str | None, exclude: Iterable[str], tokens: int = 0
+    ) -> Decision:
+        """Choose a node for one attempt among those whose context window holds `tokens` (the prompt's
+        estimate); raises ClusterUnavailable when no node of the pool is routable."""
+        candidates = self.cluster.candidates(pool, exclude, tokens)
         if not candidates:
+            held = "" if not tokens or self.cluster.candidates(pool, exclude) == () else f" that holds {tokens} tokens"
             raise ClusterUnavailable(
-                f"no routable node in pool {pool!r} (see GET /cluster)", retry_after=self.settings.routing.retry_after_s
+                f"no routable node in pool {pool!r}{held} (see GET /cluster)",
+                retry_after=self.settings.routing.retry_after_s,
             )
         r = self.settings.routing
         request = RouteRequest(
@@ -363,6 +380,29 @@ class Gateway:
                 await self.store.renew(shared, ttl_ms)
             except StateUnavailable:
                 self._mark_store(False)
+
+    async def _report_progress(self) -> None:
+        """Every REPORT_INTERVAL_S: what changed in the progress of requests older than that, one round trip
+        (requests routed locally in degraded mode go to the local store)."""
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            due = self.progress.due(time.monotonic())
+            local = [u for u in due if u[0] in self._local_leases]
+            shared = [u for u in due if u[0] not in self._local_leases]
+            if local:
+                await self.local_store.progress(local)
+            if not shared:
+                continue
+            try:
+                if self._store_closed():
+                    raise StateUnavailable("store circuit open")
+                await self.store.progress(shared)
+            except StateUnavailable:
+                for lease, _ in shared:  # sent again once the store answers
+                    if (progress := self.progress.live.get(lease)) is not None:
+                        progress.changed = True
+            except Exception:  # a bug here must not stop progress reports for the life of the process
+                log.exception("reporting progress failed")
 
     async def _probe_store(self) -> None:
         """While in degraded mode: is the shared store back? (Requests find out too; this covers idle

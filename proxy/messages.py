@@ -19,6 +19,8 @@ from proxy.answers import from_chat_completion
 from proxy.config import ServerConfig
 from proxy.errors import BodyTimeout, ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge
 from proxy.gateway import Gateway
+from proxy.joined import JoinedResponse
+from proxy.joins import Generation
 from proxy.logs import RequestRecord
 from proxy.relay import (
     Attempt,
@@ -37,6 +39,7 @@ from proxy.translate import (
     prompt_parts,
     to_chat_request,
     to_native_body,
+    tokens_of_bytes,
 )
 from proxy.upstream import NodeFailure
 from proxy.validate import session_key_part
@@ -109,6 +112,12 @@ def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
     routing = settings.routing
     # Bounded work per request: only the first max_request_blocks blocks are hashed, matched and recorded.
     blocks = block_hashes(parts, salt=pool, block_size=routing.block_size, max_blocks=routing.max_request_blocks)
+    size = sum([len(p) for p in parts])
+    tokens = tokens_of_bytes(size, gw.bytes_per_token(pool))
+    window = gw.cluster.max_window(pool)
+    if window is not None and tokens > window:
+        # Anthropic's own words for it, which Claude Code knows (docs/operations.md#context-windows).
+        raise InvalidRequest(f"prompt is too long: {tokens} tokens > {window} maximum")
     return Prepared(
         raw=raw,
         body=body,
@@ -119,7 +128,8 @@ def prepare(gw: Gateway, request: Request, raw: bytes) -> Prepared:
         message_id=f"msg_{uuid.uuid4().hex[:24]}",
         request_id=request.scope.get("state", {}).get("request_id", ""),
         received=time.monotonic(),
-        prompt_bytes=sum([len(p) for p in parts]),
+        prompt_bytes=size,
+        tokens=tokens,
     )
 
 
@@ -139,7 +149,7 @@ def upstream_request(gw: Gateway, prep: Prepared, node_id: str) -> tuple[str, by
     return "/v1/chat/completions", encode_chat_request(chat)
 
 
-async def messages(request: Request) -> Response | RelayResponse:
+async def messages(request: Request) -> Response | RelayResponse | JoinedResponse:
     gw: Gateway = request.app.state.gateway
     scope = request.scope
     record = RequestRecord(scope.get("state", {}).get("request_id", ""), scope["method"], scope["path"])
@@ -150,8 +160,13 @@ async def messages(request: Request) -> Response | RelayResponse:
         prep.record = record
         record.session, record.model = prep.session, prep.body.model
         if prep.body.stream:
-            status = None
-            return RelayResponse(gw, prep, upstream_request)  # logs the request when the relay ends
+            joined = await gw.joins.begin(prep)
+            status = None  # the response logs the request when it ends
+            if joined is None or isinstance(joined, Generation):
+                return RelayResponse(gw, prep, upstream_request, generation=joined)
+            return JoinedResponse(
+                gw, prep, joined, lambda resumed: RelayResponse(gw, prep, upstream_request, resumed=resumed)
+            )
         response = await complete(gw, prep)
         status = response.status_code
         return response

@@ -61,6 +61,13 @@ class Metrics:
         self.retries = Counter(
             "mlxmux_retries", "Failed attempts retried on another node, by failure kind", ["reason"], registry=r
         )
+        self.joined = Counter(
+            "mlxmux_resends_joined",
+            "Streamed requests that joined the same request's answer in flight instead of asking a node again, "
+            "by where its owner was (local: this replica, shared: another one)",
+            ["where"],
+            registry=r,
+        )
         self.store_errors = Counter(
             "mlxmux_store_errors", "Shared store operations that failed (Redis unreachable or timed out)", registry=r
         )

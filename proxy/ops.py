@@ -149,7 +149,39 @@ def render_status(view: dict[str, Any], url: str) -> str:
     errors = [f"  {n['id']}: {n['last_error']}" for n in view.get("nodes", []) if n.get("last_error")]
     if errors:
         lines += ["", "last errors:", *errors]
+    lines += _inflight_lines(view.get("nodes", []))
     return "\n".join(lines)
+
+
+def _inflight_lines(nodes: Sequence[dict[str, Any]]) -> list[str]:
+    """The requests in flight that have run for a second or more, per node: session (hashed), phase, age."""
+    rows: list[tuple[str, ...]] = []
+    for n in nodes:
+        for r in n.get("requests") or []:
+            phase, done, total = r.get("phase"), r.get("done", 0), r.get("total", 0)
+            if phase == "prefill" and total:
+                doing = f"prefill {done}/{total} tokens ({done / total:.0%})"
+            elif phase == "generating":
+                doing = f"generating, {done} pieces so far"
+            else:
+                doing = "queued (nothing from the node yet)"
+            joined = r.get("joined") or 0
+            rows.append(
+                (
+                    f"  {n.get('id')}",
+                    r.get("session") or "-",
+                    doing,
+                    f"{(r.get('age_ms') or 0) / 1000:.0f} s",
+                    f"+{joined} joined" if joined else "",
+                )
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "in flight (requests older than a second):",
+        *_table([("  NODE", "SESSION", "DOING", "AGE", ""), *rows]),
+    ]
 
 
 def _belief_cells(cache: dict[str, Any]) -> tuple[str, str, str]:
@@ -255,6 +287,7 @@ def redis_view(url: str, prefix: str) -> dict[str, Any]:
                     "sessions": view.sessions,
                     "stats": msgspec.to_builtins(view.stats),
                     "cache": belief_view(view.cache, None),
+                    "requests": [msgspec.to_builtins(r) for r in view.requests],
                 }
             )
         status = cluster_status(list(health.values()))

@@ -27,10 +27,10 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from proxy.errors import (
     ClusterUnavailable,
@@ -43,7 +43,8 @@ from proxy.errors import (
     error_headers,
 )
 from proxy.gateway import Gateway
-from proxy.logs import RequestRecord, log_access
+from proxy.logs import RequestRecord, log_access, session_label
+from proxy.progress import Progress, prefill_progress
 from proxy.sse import PING, SSEDecoder, encode_event
 from proxy.stream import StreamTranslator
 from proxy.upstream import NodeFailure, NodeStream
@@ -51,6 +52,9 @@ from proxy.wire.anthropic import MessagesRequest
 from proxy.wire.openai import ChatCompletionRequest, decode_chunk
 from state.cache_model import CacheReport
 from state.types import Decision, Outcome
+
+if TYPE_CHECKING:
+    from proxy.joins import Generation
 
 log = logging.getLogger("mlxmux.relay")
 T = TypeVar("T")
@@ -72,6 +76,8 @@ class Prepared:
     record: RequestRecord = field(default_factory=RequestRecord)
     prompt_bytes: int = 0
     """Bytes of the rendered prompt the blocks were cut from (bytes per token, with the node's usage)."""
+    tokens: int = 0
+    """The prompt's tokens as the pool's calibrated estimate puts them (routed to nodes whose window holds them)."""
 
     @property
     def upstream_headers(self) -> dict[str, str]:
@@ -92,11 +98,16 @@ class Attempt:
     cached_tokens: int = 0
     completion_tokens: int = 0
     done: bool = False
+    progress: Progress = field(init=False)
+    """What the node is doing with it (proxy.progress): shown in /cluster while it runs."""
 
     def __post_init__(self) -> None:
         record = self.prep.record
         record.node, record.reason = self.decision.node_id, self.decision.reason
         record.attempts += 1
+        mode = self.gw.settings.server.log_session_ids
+        label = session_label(self.prep.session, "off" if mode == "off" else "hash") or ""
+        self.progress = self.gw.progress.track(self.decision.lease, label)
 
     def first_token(self) -> None:
         if not self.ttft_ms:
@@ -106,6 +117,7 @@ class Attempt:
         if self.done:
             return
         self.done = True
+        self.gw.progress.drop(self.decision.lease)
         if outcome.error_class != "client_cancel":  # a cancelled request may or may not have been stored
             outcome = msgspec.structs.replace(outcome, report=self._cache_report(outcome.ok))
         node, o, record = self.decision.node_id, outcome, self.prep.record
@@ -177,7 +189,7 @@ async def with_failover(
     try:
         for _ in range(gw.settings.routing.max_attempts):
             try:
-                decision = await gw.route(prep.pool, prep.blocks, prep.session, tried)
+                decision = await gw.route(prep.pool, prep.blocks, prep.session, tried, prep.tokens)
             except ClusterUnavailable:
                 if last is None:
                     raise
@@ -311,7 +323,14 @@ FINISH_GRACE_S = 5.0
 """How long a finished stream may take to book its success, write its last bytes and close the node."""
 
 
-async def _wait_disconnect(receive: Receive) -> None:
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def wait_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -321,12 +340,25 @@ async def _wait_disconnect(receive: Receive) -> None:
 class RelayResponse:
     """ASGI response for a streaming /v1/messages request."""
 
-    def __init__(self, gw: Gateway, prep: Prepared, upstream_request: UpstreamRequest) -> None:
+    def __init__(
+        self,
+        gw: Gateway,
+        prep: Prepared,
+        upstream_request: UpstreamRequest,
+        *,
+        generation: Generation | None = None,
+        resumed: bool = False,
+    ) -> None:
         self.gw = gw
         self.prep = prep
         self.upstream_request = upstream_request
         self.settings = gw.settings
-        self.headers_sent = False
+        self.generation = generation
+        """The answer copies of this request may join (proxy.joins): every event written goes there too."""
+        self.client_gone = False
+        """The client went away while copies that joined still wait: the relay goes on, writing to them only."""
+        self.headers_sent = resumed
+        """True from the start when a joined copy takes over: its client already has message_start."""
         self.content_sent = False
         self.last_write = 0.0
         self._send: Send | None = None
@@ -344,7 +376,7 @@ class RelayResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
         relay = asyncio.ensure_future(self._run())
-        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        watch = asyncio.ensure_future(wait_disconnect(receive))
         # Past the deadline the relay ends the stream itself (a node timeout); this backstop only stops one
         # stuck writing to a client that reads nothing, which is then that client's cancel.
         backstop = self.deadline + FINISH_GRACE_S - time.monotonic()
@@ -354,6 +386,10 @@ class RelayResponse:
                 timeout=None if math.isinf(backstop) else max(0.0, backstop),
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            if watch.done() and not relay.done() and not self.finishing and self.generation is not None:
+                # The client went away: the answer goes on while copies of the request wait for it.
+                self.client_gone = True
+                await self.gw.joins.serve_others(self.generation, relay)
             if self.finishing and not relay.done():
                 # The answer is complete; the client (or uvicorn, once the last byte is out) reported the
                 # hang-up first. Let the relay end its own way: it only writes the tail and closes the node.
@@ -366,29 +402,25 @@ class RelayResponse:
             if self._booking is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(self._booking), FINISH_GRACE_S)
-            end_request(self.gw, self.prep.record, self.status)
+            if self.generation is not None:
+                self.gw.joins.done(self.generation, self.status)
+            end_request(self.gw, self.prep.record, "client_cancel" if self.client_gone else self.status)
 
     # -- writing to the client -------------------------------------------------------------
 
     async def _start(self) -> None:
-        if self.headers_sent:
-            return
+        if not self.headers_sent:
+            self.headers_sent = True
+            await self._to_client({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            start = StreamTranslator(model=self.prep.body.model, message_id=self.prep.message_id).start()
+            await self._write(b"".join(encode_event(e) for e in start))
+        if self._pinger is None:
+            self._pinger = asyncio.ensure_future(self._ping_while_silent())
+
+    async def _to_client(self, message: Message) -> None:
         assert self._send is not None
-        self.headers_sent = True
-        await self._send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no"),
-                ],
-            }
-        )
-        start = StreamTranslator(model=self.prep.body.model, message_id=self.prep.message_id).start()
-        await self._write(b"".join(encode_event(e) for e in start))
-        self._pinger = asyncio.ensure_future(self._ping_while_silent())
+        if not self.client_gone:
+            await self._send(message)
 
     async def _ping_while_silent(self) -> None:
         """`event: ping` whenever the client has heard nothing for ping_interval_s (long prefills)."""
@@ -399,15 +431,15 @@ class RelayResponse:
                 await self._write(PING)
 
     async def _write(self, data: bytes) -> None:
-        assert self._send is not None
+        if self.generation is not None and data is not PING:
+            self.generation.append(data)
         async with self._lock:
             self.last_write = time.monotonic()
-            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+            await self._to_client({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _end(self) -> None:
-        assert self._send is not None
         await self._stop_pinger()
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._to_client({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stop_pinger(self) -> None:
         if self._pinger is not None:
@@ -418,14 +450,15 @@ class RelayResponse:
 
     async def _error(self, error: GatewayError) -> None:
         """End the exchange with an error: a real HTTP status if nothing was sent yet, else an event."""
-        assert self._send is not None
         self.status = "stream_error" if self.headers_sent else error.status
         if not self.headers_sent:
             self.headers_sent = True
+            if self.generation is not None:
+                self.generation.fail(error)
             headers = error_headers(error)
-            await self._send({"type": "http.response.start", "status": error.status, "headers": headers})
+            await self._to_client({"type": "http.response.start", "status": error.status, "headers": headers})
             body = error_body(error.type, error.message, self.prep.request_id)
-            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            await self._to_client({"type": "http.response.body", "body": body, "more_body": False})
             return
         if self.error_sent:
             await self._end()
@@ -542,6 +575,8 @@ class RelayResponse:
             if not chunk:
                 return
             since = time.monotonic()
+            if self.generation is not None:
+                attempt.progress.set_joined(self.generation.waiting())
             yield chunk
 
     async def _relay_chat(self, stream: NodeStream, attempt: Attempt) -> bytes:
@@ -558,6 +593,8 @@ class RelayResponse:
                 self._bound_event(decoder, chunk, node_id)
                 for msg in decoder.feed(chunk):
                     if msg.comment is not None:
+                        if (reported := prefill_progress(msg.comment)) is not None:
+                            attempt.progress.prefill(*reported)
                         if time.monotonic() - self.last_write >= 1.0:
                             out.append(PING)  # node keepalive during prefill: let the client hear it
                         continue
@@ -571,9 +608,11 @@ class RelayResponse:
                     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
                         raise NodeFailure("protocol", f"node {node_id} sent an invalid stream chunk") from None
                     out.extend(encode_event(e) for e in tr.feed(parsed))
-                if tr.started_content and not self.content_sent:
-                    self.content_sent = True
-                    attempt.first_token()
+                if tr.started_content:
+                    attempt.progress.token()
+                    if not self.content_sent:
+                        self.content_sent = True
+                        attempt.first_token()
                 if out:
                     await self._write(b"".join(out))
                 if done:
@@ -610,6 +649,8 @@ class RelayResponse:
                     continue
                 if name == "error" and not self.content_sent:
                     raise NodeFailure("http_5xx", f"node {node_id} reported an error before any content")
+                if name == "content_block_delta":
+                    attempt.progress.token()
                 if name == "content_block_start" and not self.content_sent:
                     self.content_sent = True
                     attempt.first_token()

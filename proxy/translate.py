@@ -376,4 +376,9 @@ def estimate_tokens(req: MessagesRequest, bytes_per_token: float = DEFAULT_BYTES
     as placeholders), whose JSON framing stands in for each message's template overhead. Deterministic,
     and it never shrinks when content is added.
     """
-    return max(1, math.ceil(prompt_bytes(req) / max(0.5, bytes_per_token)))
+    return tokens_of_bytes(prompt_bytes(req), bytes_per_token)
+
+
+def tokens_of_bytes(size: int, bytes_per_token: float = DEFAULT_BYTES_PER_TOKEN) -> int:
+    """Tokens of `size` bytes of translated prompt at the pool's calibrated bytes per token (at least 1)."""
+    return max(1, math.ceil(size / max(0.5, bytes_per_token)))

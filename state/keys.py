@@ -12,6 +12,8 @@ All keys start with the configured prefix (`mlxmux:` by default):
     {prefix}node:{node}:stats          HASH    outcome counters and token totals
     {prefix}node:{node}:ttft           LIST    recent time-to-first-token samples, ms (capped)
     {prefix}node:{node}:total          LIST    recent total-time samples, ms (capped)
+    {prefix}node:{node}:requests       HASH    lease id -> "phase|done|total|started ms|joined|session": what each
+                                               request in flight is doing (state.inflight; only live leases)
     {prefix}rr:{pool}                  STRING  round-robin counter of the pool
     {prefix}node-health                HASH    node id -> health record (JSON, state.health.NodeHealth)
     {prefix}probe:{node}               STRING  replica probing the node this interval (TTL: the interval)
@@ -19,6 +21,9 @@ All keys start with the configured prefix (`mlxmux:` by default):
     {prefix}epoch                      STRING  a token set once by the first replica to find none: a new one
                                                means the store lost its data (replicas then re-assert intent)
     {prefix}key:{name}:inflight        ZSET    lease id -> expiry ms: a team API key's requests in flight
+    {prefix}gen:{key}                  HASH    a streamed answer resends may join: owner, state, end record
+    {prefix}gen:{key}:events           LIST    its events so far, in order (written while someone waits)
+    {prefix}gen:{key}:waiters          ZSET    waiter id -> expiry ms: the resends waiting for it
 
 `{pool}` has `%` and `:` percent-escaped, so `{pool}:{session}` splits unambiguously at its first colon.
 Node ids are used as they are: every node key ends in a fixed kind name, which keeps them apart.
@@ -37,6 +42,7 @@ REGISTRY = "registry"
 EPOCH = "epoch"
 KEY = "key:"
 INFLIGHT = "inflight"
+GEN = "gen:"
 
 # kinds of per-node keys: {prefix}node:{node}:{kind}
 SESSIONS = "sessions"
@@ -48,9 +54,10 @@ CACHE = "cache"
 STATS = "stats"
 TTFT = "ttft"
 TOTAL = "total"
+REQUESTS = "requests"
 CACHE_KINDS = (LRU, ENTRIES, REFS, CACHE)
 """The model of the node's prompt cache (state.cache_model)."""
-NODE_KINDS = (SESSIONS, LEASES, *CACHE_KINDS, STATS, TTFT, TOTAL)
+NODE_KINDS = (SESSIONS, LEASES, *CACHE_KINDS, STATS, TTFT, TOTAL, REQUESTS)
 
 # fields of {prefix}node:{node}:stats
 OK = "ok"
@@ -118,6 +125,12 @@ def key_inflight_key(prefix: str, key_name: str) -> str:
     return f"{prefix}{KEY}{key_name}:{INFLIGHT}"
 
 
+def generation_keys(prefix: str, key: str) -> list[str]:
+    """A generation's record, its events and its waiters (state.inflight)."""
+    head = f"{prefix}{GEN}{key}"
+    return [head, f"{head}:events", f"{head}:waiters"]
+
+
 def lua_prelude() -> str:
     """Lua prepended to the scripts that build keys at run time; ARGV[1] must be the key prefix."""
     return f"""if redis.replicate_commands then redis.replicate_commands() end
@@ -126,7 +139,7 @@ local function session_key(member) return P .. "{SESSION}" .. member end
 local function node_key(node, kind) return P .. "{NODE}" .. node .. ":" .. kind end
 local SESSIONS, LEASES = "{SESSIONS}", "{LEASES}"
 local LRU, ENTRIES, REFS, CACHE = "{LRU}", "{ENTRIES}", "{REFS}", "{CACHE}"
-local STATS, TTFT, TOTAL = "{STATS}", "{TTFT}", "{TOTAL}"
+local STATS, TTFT, TOTAL, REQUESTS = "{STATS}", "{TTFT}", "{TOTAL}", "{REQUESTS}"
 local F_OK, F_ERRORS, F_CANCELLED, F_ERROR_CLASS = "{OK}", "{ERRORS}", "{CANCELLED}", "{ERROR_CLASS}"
 local F_PROMPT_TOKENS, F_CACHED_TOKENS, CLIENT_CANCEL = "{PROMPT_TOKENS}", "{CACHED_TOKENS}", "{CLIENT_CANCEL}"
 local function now_ms()

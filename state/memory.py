@@ -19,6 +19,15 @@ import msgspec
 from state import keys
 from state.cache_model import CacheCounters, CacheReport, NodeCache
 from state.health import NodeHealth
+from state.inflight import (
+    GenerationBoard,
+    GenerationRead,
+    RequestProgress,
+    Ticket,
+    decode_progress,
+    encode_progress,
+    oldest_first,
+)
 from state.policy import NodeLoad, choose_node
 from state.types import (
     Decision,
@@ -88,6 +97,9 @@ class MemoryStore:
         self._epoch: str | None = None
         self._slots: dict[str, dict[str, int]] = {}
         """team key name -> lease id -> expiry ms"""
+        self._requests: dict[str, dict[str, str]] = {}
+        """node id -> lease id -> progress record (state.inflight.encode_progress)"""
+        self._generations = GenerationBoard()
         self._last_sweep = clock()
 
     # -- the hot path --------------------------------------------------------------------------
@@ -146,6 +158,7 @@ class MemoryStore:
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:
         self._leases.get(lease.node_id, {}).pop(lease.lease_id, None)
+        self._requests.get(lease.node_id, {}).pop(lease.lease_id, None)
         stats = self._stats.get(lease.node_id)
         if stats is None:
             stats = self._stats[lease.node_id] = _Stats(self.limits.latency_samples)
@@ -215,6 +228,38 @@ class MemoryStore:
             if held is not None and lease_id in held:
                 held[lease_id] = expiry
 
+    # -- what is in flight (state.inflight) ---------------------------------------------------
+
+    async def progress(self, updates: Sequence[tuple[Lease, RequestProgress]]) -> None:
+        now = self._clock()
+        for lease, p in updates:
+            if self._leases.get(lease.node_id, {}).get(lease.lease_id, now) > now:
+                self._requests.setdefault(lease.node_id, {})[lease.lease_id] = encode_progress(p, now - p.age_ms)
+
+    async def open_generation(self, key: str, owner: str, waiter: str, ttl_ms: int) -> Ticket:
+        return self._generations.open(key, owner, waiter, ttl_ms, self._clock())
+
+    async def tick_generation(
+        self, key: str, owner: str, ttl_ms: int, grace_ms: int, events: Sequence[str] = (), end: str | None = None
+    ) -> int:
+        return self._generations.tick(key, owner, ttl_ms, events, end, grace_ms, self._clock())
+
+    async def read_generation(self, key: str, waiter: str, after: int, ttl_ms: int) -> GenerationRead:
+        return self._generations.read(key, waiter, after, ttl_ms, self._clock())
+
+    async def leave_generation(self, key: str, waiter: str) -> None:
+        self._generations.leave(key, waiter)
+
+    def _live_requests(self, node_id: str, now: int) -> tuple[RequestProgress, ...]:
+        """The progress records of the node's live leases (the others are dropped)."""
+        records = self._requests.get(node_id)
+        if not records:
+            return ()
+        leases = self._leases.get(node_id, {})
+        for lease_id in [lease for lease in records if leases.get(lease, now) <= now]:
+            del records[lease_id]
+        return oldest_first(decode_progress(lease, value, now) for lease, value in records.items())
+
     # -- maintenance ---------------------------------------------------------------------------
 
     async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
@@ -236,6 +281,7 @@ class MemoryStore:
         self._leases.pop(node_id, None)
         self._stats.pop(node_id, None)
         self._health.pop(node_id, None)
+        self._requests.pop(node_id, None)
 
     async def health(self) -> dict[str, NodeHealth]:
         return dict(self._health)
@@ -285,6 +331,7 @@ class MemoryStore:
                     sessions=self._live_sessions(node_id, now, active_after),
                     stats=stats.view() if stats is not None else NodeStats(),
                     cache=cache.counters() if cache is not None else CacheCounters(),
+                    requests=self._live_requests(node_id, now),
                 )
             )
         return views
@@ -358,3 +405,7 @@ class MemoryStore:
         for node_id, cache in list(self._caches.items()):
             if cache.touched <= now - self.limits.prefix_ttl_ms:
                 del self._caches[node_id]
+        for node_id in list(self._requests):
+            if not self._live_requests(node_id, now):
+                del self._requests[node_id]
+        self._generations.sweep(now)

@@ -28,6 +28,7 @@ from state import keys
 from state.cache_model import CacheCounters
 from state.errors import StateUnavailable
 from state.health import NodeHealth
+from state.inflight import GenerationRead, RequestProgress, Ticket, decode_progress, oldest_first, progress_parts
 from state.policy import rendezvous_rank, tie_key
 from state.types import (
     Decision,
@@ -52,6 +53,10 @@ SCRIPTS = (
     "remove_node",
     "node_views",
     "cas_health",
+    "progress",
+    "open_generation",
+    "tick_generation",
+    "read_generation",
 )
 _health_decoder = msgspec.json.Decoder(NodeHealth)
 
@@ -158,7 +163,10 @@ class RedisStore:
         node = lease.node_id
         await self._run(
             "finish",
-            [keys.node_key(self.prefix, node, kind) for kind in (keys.LEASES, keys.STATS, keys.TTFT, keys.TOTAL)],
+            [
+                keys.node_key(self.prefix, node, kind)
+                for kind in (keys.LEASES, keys.STATS, keys.TTFT, keys.TOTAL, keys.REQUESTS)
+            ],
             [
                 lease.lease_id,
                 1 if outcome.ok else 0,
@@ -235,6 +243,39 @@ class RedisStore:
             [ttl_ms, *(lease_id for _, lease_id in slots)],
         )
 
+    # -- what is in flight (state.inflight) ---------------------------------------------------
+
+    async def progress(self, updates: Sequence[tuple[Lease, RequestProgress]]) -> None:
+        if not updates:
+            return
+        args: list[str | int] = [len(updates)]
+        for lease, p in updates:
+            head, tail = progress_parts(p)
+            args += [lease.node_id, lease.lease_id, head, p.age_ms, tail]
+        await self._run("progress", [], args)
+
+    async def open_generation(self, key: str, owner: str, waiter: str, ttl_ms: int) -> Ticket:
+        role, current = await self._run(
+            "open_generation", keys.generation_keys(self.prefix, key), [owner, waiter, ttl_ms]
+        )
+        return Ticket(role, current)
+
+    async def tick_generation(
+        self, key: str, owner: str, ttl_ms: int, grace_ms: int, events: Sequence[str] = (), end: str | None = None
+    ) -> int:
+        args: list[str | int] = [owner, ttl_ms, grace_ms, end or "", *events]
+        return int(await self._run("tick_generation", keys.generation_keys(self.prefix, key), args))
+
+    async def read_generation(self, key: str, waiter: str, after: int, ttl_ms: int) -> GenerationRead:
+        state, end, *events = await self._run(
+            "read_generation", keys.generation_keys(self.prefix, key), [waiter, after, ttl_ms]
+        )
+        return GenerationRead(tuple(events), state, end)
+
+    async def leave_generation(self, key: str, waiter: str) -> None:
+        with _unavailable("leave_generation"):
+            await self.client.zrem(keys.generation_keys(self.prefix, key)[2], waiter)
+
     # -- maintenance ---------------------------------------------------------------------------
 
     async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:
@@ -300,13 +341,13 @@ class RedisStore:
     async def node_views(self, node_ids: Sequence[str]) -> list[NodeView]:
         if not node_ids:
             return []
-        kinds = (keys.LEASES, keys.SESSIONS, keys.STATS, keys.TTFT, keys.TOTAL, keys.LRU, keys.CACHE)
-        raw = await self._run(
+        kinds = (keys.LEASES, keys.SESSIONS, keys.STATS, keys.TTFT, keys.TOTAL, keys.LRU, keys.CACHE, keys.REQUESTS)
+        now, *raw = await self._run(
             "node_views",
             [keys.node_key(self.prefix, n, kind) for n in node_ids for kind in kinds],
             [self.limits.session_ttl_ms - self.limits.session_active_ms],
         )
-        return [_node_view(node_id, *row) for node_id, row in zip(node_ids, raw, strict=True)]
+        return [_node_view(node_id, int(now), *row) for node_id, row in zip(node_ids, raw, strict=True)]
 
     async def sessions(self, limit: int = 1000) -> list[SessionBinding]:
         """Live bindings, found by SCAN (an operator's view: not atomic, never on the hot path)."""
@@ -344,6 +385,7 @@ class RedisStore:
 
 def _node_view(
     node_id: str,
+    now: int,
     inflight: int,
     sessions: int,
     flat: list[str],
@@ -351,6 +393,7 @@ def _node_view(
     total: list[str],
     entries: int,
     cache_flat: list[str],
+    requests_flat: list[str],
 ) -> NodeView:
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     error_classes = {
@@ -368,7 +411,17 @@ def _node_view(
     )
     counters = dict(zip(cache_flat[::2], cache_flat[1::2], strict=True))
     cache = CacheCounters(entries=int(entries), **{name: int(counters.get(name, 0)) for name in keys.CACHE_FIELDS})
-    return NodeView(node_id=node_id, inflight=int(inflight), sessions=int(sessions), stats=stats, cache=cache)
+    requests = (
+        decode_progress(lease, value, now) for lease, value in zip(requests_flat[::2], requests_flat[1::2], strict=True)
+    )
+    return NodeView(
+        node_id=node_id,
+        inflight=int(inflight),
+        sessions=int(sessions),
+        stats=stats,
+        cache=cache,
+        requests=oldest_first(requests),
+    )
 
 
 def _glob_escape(text: str) -> str:

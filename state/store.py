@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from state.health import NodeHealth
+from state.inflight import GenerationRead, RequestProgress, Ticket
 from state.types import Decision, Lease, NodeView, Outcome, RouteRequest, SessionBinding
 
 
@@ -72,6 +73,33 @@ class Store(Protocol):
     async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl_ms: int) -> None:
         """Push back the expiry of held slots, given as (key name, lease id), to now + ttl_ms (a replica's
         heartbeat). Slots already released or expired and trimmed are not brought back."""
+        ...
+
+    async def progress(self, updates: Sequence[tuple[Lease, RequestProgress]]) -> None:
+        """Record what requests in flight are doing (`NodeView.requests`), each only while its lease is live;
+        `age_ms` is the request's age now. Finishing (or losing) the lease drops its record."""
+        ...
+
+    async def open_generation(self, key: str, owner: str, waiter: str, ttl_ms: int) -> Ticket:
+        """Own a new generation named `key` (as `owner`), or, while a live one has that key, wait for it
+        (as `waiter`, until now + ttl_ms unless renewed by reading); one that ended is left alone
+        (state.inflight)."""
+        ...
+
+    async def tick_generation(
+        self, key: str, owner: str, ttl_ms: int, grace_ms: int, events: Sequence[str] = (), end: str | None = None
+    ) -> int:
+        """The owner's heartbeat: append `events`, end the generation with the `end` record if given (it then
+        stays readable for grace_ms), else keep it live for ttl_ms more. Returns how many waiters are
+        live, or -1 if the generation is not the owner's any more (it lapsed)."""
+        ...
+
+    async def read_generation(self, key: str, waiter: str, after: int, ttl_ms: int) -> GenerationRead:
+        """The events after the first `after`, the state and the end record; renews the waiter while live."""
+        ...
+
+    async def leave_generation(self, key: str, waiter: str) -> None:
+        """The waiter stops waiting (its client went away)."""
         ...
 
     async def forget_prefix(self, node_id: str, blocks: Sequence[str]) -> None:

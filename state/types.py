@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import msgspec
 
 from state.cache_model import CacheCounters, CacheReport
+from state.inflight import RequestProgress
 
 DEFAULT_SESSION_TTL_MS = 1_800_000
 DEFAULT_LEASE_TTL_MS = 60_000
@@ -151,6 +152,8 @@ class NodeView(msgspec.Struct, frozen=True):
     stats: NodeStats
     cache: CacheCounters = CacheCounters()
     """The router's model of the node's cache and how well it matched the node's reports."""
+    requests: tuple[RequestProgress, ...] = ()
+    """What its requests in flight are doing, oldest first (those that reported progress: state.inflight)."""
 
 
 class SessionBinding(msgspec.Struct, frozen=True):

@@ -4,6 +4,7 @@
 -- KEYS[2]  {P}node:{node}:stats    outcome counters and token totals
 -- KEYS[3]  {P}node:{node}:ttft     recent time-to-first-token samples (newest first)
 -- KEYS[4]  {P}node:{node}:total    recent total-time samples (newest first)
+-- KEYS[5]  {P}node:{node}:requests what requests in flight are doing (state.inflight)
 -- ARGV[1]  key prefix {P} (the node's cache-model keys are built from it)
 -- ARGV[2]  lease id
 -- ARGV[3]  1 = ok, 0 = failed
@@ -22,6 +23,7 @@
 -- Cost: O(entries x log t) to compare, plus the blocks of the entries it changes (state/lua/cache_model.lua).
 
 local released = redis.call("ZREM", KEYS[1], ARGV[2])
+redis.call("HDEL", KEYS[5], ARGV[2])
 local samples = tonumber(ARGV[9])
 if ARGV[3] == "1" then
   redis.call("HINCRBY", KEYS[2], F_OK, 1)

@@ -17,7 +17,7 @@ for _, member in ipairs(redis.call("ZRANGE", sessions, 0, -1)) do
   end
 end
 local entries = redis.call("ZCARD", node_key(node, LRU))
-for _, kind in ipairs({SESSIONS, LEASES, LRU, ENTRIES, REFS, CACHE, STATS, TTFT, TOTAL}) do
+for _, kind in ipairs({SESSIONS, LEASES, LRU, ENTRIES, REFS, CACHE, STATS, TTFT, TOTAL, REQUESTS}) do
   redis.call("DEL", node_key(node, kind))
 end
 redis.call("HDEL", KEYS[1], node)
