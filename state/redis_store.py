@@ -23,21 +23,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as redis
 from redis.asyncio.client import Redis
-from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, ClusterCrossSlotError, ClusterDownError, MovedError, RedisError
-from redis.retry import Retry
 
 from state import keys
 from state.cache_model import CacheCounters
 from state.errors import StateUnavailable, StoreUnsupported
 from state.health import NodeHealth
 from state.policy import rendezvous_rank, tie_key
-from state.redis_url import CLUSTER_REFUSED, SentinelAddress, is_sentinel, parse_sentinel_url
+from state.redis_client import open_client
+from state.redis_url import CLUSTER_REFUSED
 from state.types import (
     Decision,
     Lease,
@@ -105,23 +102,11 @@ class RedisStore:
     @classmethod
     def from_url(cls, url: str, limits: RoutingLimits | None = None) -> RedisStore:
         """Connect lazily to `redis://[[user]:password@]host:port/db`, `rediss://…`, `unix:///path`, or the
-        primary named by `redis+sentinel://…` / `rediss+sentinel://…` (`state.redis_url`).
-
-        Timeouts are short (`limits.redis_timeout_ms`) and a failed command is retried once at once (a
-        pooled connection may have died with a Redis restart), so an outage costs callers milliseconds.
-        """
+        primary named by `redis+sentinel://…` / `rediss+sentinel://…` (`state.redis_url`,
+        `state.redis_client`), with timeouts of `limits.redis_timeout_ms`."""
         limits = limits or RoutingLimits()
-        timeout = limits.redis_timeout_ms / 1000
-        options: dict[str, Any] = {
-            "decode_responses": True,
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 1),
-        }
-        if is_sentinel(url):
-            sentinel, client = _sentinel_primary(parse_sentinel_url(url), options)
-            return cls(client, limits, sentinel=sentinel)
-        return cls(redis.from_url(url, **options), limits)
+        client, sentinel = open_client(url, limits.redis_timeout_ms / 1000)
+        return cls(client, limits, sentinel=sentinel)
 
     async def _run(self, name: str, keys_: Sequence[str], args: Sequence[str | int | float]) -> Any:
         with _unavailable(name):
@@ -367,28 +352,6 @@ class RedisStore:
             await self.client.aclose()
             if self._sentinel is not None:
                 await self._sentinel.aclose()
-
-
-def _sentinel_primary(address: SentinelAddress, options: dict[str, Any]) -> tuple[Sentinel, Redis]:
-    """The sentinels of `address` and a client of the primary they name, with the store's `options`."""
-    # The URL's own options (TLS files, keepalive …), read by redis-py's parser as for a redis:// URL.
-    extra: dict[str, Any] = dict(parse_url(f"{'rediss' if address.tls else 'redis'}://?{address.query}"))
-    extra.pop("connection_class", None)  # the Sentinel pool picks its own (TLS or not) from `ssl`
-    if address.tls:
-        extra["ssl"] = True
-    to_sentinels = {
-        **{k: v for k, v in options.items() if k.startswith("socket_")},
-        **extra,
-        # A sentinel that is down is skipped for the next at once: no retry, no backoff.
-        "retry": Retry(NoBackoff(), 0),
-        "username": address.sentinel_username,
-        "password": address.sentinel_password,
-    }
-    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=to_sentinels)  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(
-        address.service, db=address.db, username=address.username, password=address.password, **options, **extra
-    )
-    return sentinel, client
 
 
 def _node_view(
