@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 from redis.asyncio.client import Redis
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, ClusterCrossSlotError, ClusterDownError, MovedError, RedisError
 
@@ -85,6 +85,9 @@ def _unavailable(what: str) -> Iterator[None]:
         yield
     except CLUSTER_ERRORS as exc:
         raise StateUnavailable(f"redis {what} failed: {CLUSTER_REFUSED} (the server said: {exc})") from exc
+    except MasterNotFoundError as exc:  # its text goes on with a repr of every sentinel client: drop that
+        found = str(exc).partition(" : ")[0]
+        raise StateUnavailable(f"redis {what} failed: {found} (no sentinel answered, or none monitors it)") from exc
     except (RedisError, OSError) as exc:
         raise StateUnavailable(f"redis {what} failed: {exc}") from exc
 

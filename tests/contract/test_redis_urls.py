@@ -140,3 +140,15 @@ def test_mlxmux_serve_stops_on_a_redis_cluster_with_one_line(cluster_node: str) 
         "script over keys that span shards (docs/redis-keys.md#redis-cluster); use one Redis or a "
         "Sentinel-managed primary (redis+sentinel://)"
     ]
+
+
+async def test_no_sentinel_answering_is_an_outage_said_in_one_short_line() -> None:
+    store = open_store(f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/mymaster/0", prefix="urls:")
+    try:
+        with pytest.raises(StateUnavailable) as info:
+            await store.route(REQUEST)
+    finally:
+        await store.close()
+    assert str(info.value) == (
+        "redis route failed: No master found for 'mymaster' (no sentinel answered, or none monitors it)"
+    )
