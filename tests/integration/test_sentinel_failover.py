@@ -37,6 +37,7 @@ BEFORE, AFTER = 3, 2
 binding for degraded mode), and after every replica routes through the new primary again."""
 PREFIX = "failover:"
 PASSWORD = "failover-pw"
+SHARED_ROUTE = "mlxmux_requests_total"
 FOLLOW_LIMIT_S = 60.0
 """Generous: the documented bound is STORE_MAX_BACKOFF_S (5 s) plus one health interval (here 1 s) after
 the sentinels name the new primary; this only catches a replica that never follows."""
@@ -132,6 +133,8 @@ def test_killing_the_redis_primary_fails_no_turn_and_moves_no_session(
     route_sha = hashlib.sha1(_script_source("route").encode()).hexdigest()
     traffic = Traffic()
     times: dict[str, float] = {}
+    shared_routes: list[float] = []
+    """Per gateway replica, the requests it had routed by a binding read from the store when all had followed."""
 
     async def operator() -> None:
         await wait_for(lambda: all(traffic.turns[session_id(s)] >= BEFORE for s in range(SESSIONS)), "first turns")
@@ -144,6 +147,7 @@ def test_killing_the_redis_primary_fails_no_turn_and_moves_no_session(
         times["promoted"] = await wait_for(lambda: sentinels.primary_port() == new.port, "promotion")
         for i, replica in enumerate(replicas):
             times[f"follow{i}"] = await wait_for(lambda r=replica: store_reachable(r), "follow", FOLLOW_LIMIT_S)
+        shared_routes.extend([await asyncio.to_thread(metric, [r], SHARED_ROUTE, reason="session") for r in replicas])
         traffic.resumed.set()
 
     async def run() -> None:
@@ -153,15 +157,22 @@ def test_killing_the_redis_primary_fails_no_turn_and_moves_no_session(
     asyncio.run(run())
     promoted = times["promoted"] - times["kill"]
     follow = max(times[f"follow{i}"] for i in range(len(replicas))) - times["promoted"]
-    print(f"\npromoted {promoted:.2f}s after the kill; every gateway replica shared again {follow:.2f}s later")
+    degraded = metric(replicas, SHARED_ROUTE, reason="degraded-binding")
+    print(
+        f"\npromoted {promoted:.2f}s after the kill; every gateway replica shared again {follow:.2f}s later; "
+        f"{sum(traffic.turns.values())} turns, {degraded:.0f} routed in degraded mode"
+    )
 
     # No turn failed, and every session made its turns after the failover too.
     assert traffic.errors == []
     assert all(traffic.after[session_id(s)] == AFTER for s in range(SESSIONS))
     # The outage was real and degraded mode carried it: sessions routed by the bindings each replica had seen,
     # none by the fallback hash (which could have moved them).
-    assert metric(replicas, "mlxmux_requests_total", reason="degraded-binding") > 0
-    assert metric(replicas, "mlxmux_requests_total", reason="degraded-hash") == 0
+    assert degraded > 0
+    assert metric(replicas, SHARED_ROUTE, reason="degraded-hash") == 0
+    # Every gateway replica routed by the new primary's bindings after the failover.
+    after = [metric([r], SHARED_ROUTE, reason="session") for r in replicas]
+    assert all(a > b for a, b in zip(after, shared_routes, strict=True)), (shared_routes, after)
     assert metric(replicas, "mlxmux_store_shared") == len(replicas)
     logs = [r.output() for r in replicas]
     assert any("degraded mode" in log for log in logs)
