@@ -6,13 +6,14 @@ Configuration errors print one line (`mlxmux: error: …`) and exit with status 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 
 from proxy import ops
-from proxy.config import ConfigError, Settings, load_settings
+from proxy.config import ConfigError, Settings, load_settings, redact_url
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,6 +45,34 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         (None, "redis_url"): args.redis,
     }
     return load_settings(config_file=args.config, overrides=overrides, nodes=args.node)
+
+
+def refuse_unusable_store(settings: Settings) -> None:
+    """ConfigError if the shared store can never hold the state (a Redis Cluster node). A Redis that cannot be
+    reached now is no reason to stop: the gateway routes in degraded mode until it answers."""
+    if not settings.redis_url:
+        return
+    import asyncio
+
+    from state import open_store
+    from state.errors import StateUnavailable, StoreUnsupported
+
+    url = settings.redis_url
+
+    async def check() -> None:
+        store = open_store(url, prefix=settings.routing.key_prefix)
+        try:
+            await store.check()
+        finally:
+            with contextlib.suppress(StateUnavailable):
+                await store.close()
+
+    try:
+        asyncio.run(check())
+    except StateUnavailable:
+        pass
+    except StoreUnsupported as exc:
+        raise ConfigError(f"redis url {redact_url(url.partition('?')[0])!r}: {exc}") from None
 
 
 def serve(settings: Settings) -> int:
@@ -116,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.command == "serve":
-            return serve(settings_from_args(args))
+            settings = settings_from_args(args)
+            refuse_unusable_store(settings)
+            return serve(settings)
         if args.command in ("status", "sessions", "nodes"):
             return ops.run(args)
     except ConfigError as exc:

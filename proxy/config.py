@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from state.redis_url import check_store_url
 from state.types import CostWeights, Strategy
 
 
@@ -423,8 +424,12 @@ def load_settings(
         if n.id in seen:
             raise ConfigError(f"two nodes share the id {n.id!r}; give them distinct ids with ID=URL")
         seen.add(n.id)
-    if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://", "memory://")):
-        raise ConfigError(f"redis url {settings.redis_url!r} must start with redis://, rediss:// or unix://")
+    if settings.redis_url:
+        try:
+            check_store_url(settings.redis_url)
+        except ValueError as exc:
+            shown = redact_url(settings.redis_url.partition("?")[0])  # the query may hold sentinel_password
+            raise ConfigError(f"redis url {shown!r}: {exc}") from None
     if settings.routing.max_attempts < 1:
         raise ConfigError("routing.max_attempts must be at least 1")
     if not 0 < settings.server.port <= 65535:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from proxy.config import redact_url
 from state.health import cluster_status
 
 DEFAULT_URL = "http://127.0.0.1:8420"
@@ -262,14 +263,19 @@ def redis_view(url: str, prefix: str) -> dict[str, Any]:
     from state.cache_model import belief_view
     from state.errors import StateUnavailable
 
+    shown = redact_url(url.partition("?")[0])  # never the password (nor a sentinel_password in the query)
+
     async def read() -> dict[str, Any]:
-        store = open_store(url, prefix=prefix)
+        try:
+            store = open_store(url, prefix=prefix)
+        except ValueError as exc:
+            raise OpsError(f"redis url {shown!r}: {exc}") from None
         try:
             health = await store.health()
             ids = sorted(health)
             views = {v.node_id: v for v in await store.node_views(ids)}
         except StateUnavailable as exc:
-            raise OpsError(f"cannot read Redis at {url}: {exc}") from None
+            raise OpsError(f"cannot read Redis at {shown}: {exc}") from None
         finally:
             await store.close()
         nodes = []

@@ -1,13 +1,15 @@
 """Routing knowledge: the routing policy, prompt-prefix hashing, and the shared store.
 
 `open_store(url)` picks the backend by URL: `memory://` (one process) or `redis://`, `rediss://`,
-`unix://` (every replica shares one Redis).
+`unix://` (every replica shares one Redis), `redis+sentinel://`, `rediss+sentinel://` (every replica
+shares the primary a set of Redis Sentinels names). `state.redis_url` documents the forms.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from state.redis_url import check_store_url, scheme
 from state.store import Store
 from state.types import DEFAULT_KEY_PREFIX, RoutingLimits
 
@@ -20,13 +22,11 @@ def open_store(url: str, *, prefix: str = DEFAULT_KEY_PREFIX, **limits: Any) -> 
     Nothing connects yet: a Redis that cannot be reached shows as `StateUnavailable` on first use.
     """
     settings = RoutingLimits(key_prefix=prefix, **limits)
-    scheme = url.partition("://")[0].lower()
-    if scheme == "memory":
+    check_store_url(url)  # ValueError: an unknown scheme, a malformed Sentinel URL, Redis Cluster
+    if scheme(url) == "memory":
         from state.memory import MemoryStore
 
         return MemoryStore(settings)
-    if scheme in ("redis", "rediss", "unix"):
-        from state.redis_store import RedisStore
+    from state.redis_store import RedisStore
 
-        return RedisStore.from_url(url, settings)
-    raise ValueError(f"unsupported store URL {url!r}: use memory://, redis://, rediss:// or unix://")
+    return RedisStore.from_url(url, settings)

@@ -1,7 +1,8 @@
 """Errors of the routing-knowledge layer.
 
 StateError
-└── StateUnavailable   the backend (Redis) could not be reached or answered with an error
+├── StateUnavailable   the backend (Redis) could not be reached or answered with an error
+└── StoreUnsupported   the backend can never hold the shared state (a Redis Cluster node)
 """
 
 
@@ -11,3 +12,7 @@ class StateError(Exception):
 
 class StateUnavailable(StateError):
     """The shared store could not be used; callers fall back to local routing."""
+
+
+class StoreUnsupported(StateError):
+    """The configured backend is reachable but cannot hold mlxmux's state; the message says why, in one line."""

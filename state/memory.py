@@ -348,6 +348,9 @@ class MemoryStore:
     async def ping(self) -> None:
         return None
 
+    async def check(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 

@@ -2,10 +2,16 @@
 
 The only module that talks to Redis. Each atomic operation is one Lua script under `state/lua/`
 (headed by its KEYS / ARGV / returns), run with EVALSHA and reloaded by redis-py if the server lost it
-(`SCRIPT FLUSH`, a restart, a failover). Scripts read the time with `TIME`, so replicas with skewed
-clocks agree on every expiry. `route` and `finish` cost one round trip each. Redis Cluster is not
-supported: the scripts touch keys they compute at run time. Every Redis error or timeout leaves this
-module as `StateUnavailable`.
+(`SCRIPT FLUSH`, a restart, a failover to a replica, which never holds the primary's scripts). Scripts
+read the time with `TIME`, so replicas with skewed clocks agree on every expiry. `route` and `finish`
+cost one round trip each. Redis Cluster is not supported: the scripts touch keys they compute at run
+time, across shards (`check` refuses a cluster node). Every Redis error or timeout leaves this module as
+`StateUnavailable`.
+
+With a Sentinel URL the client is redis-py's Sentinel-managed one: every new connection asks the
+sentinels for the primary's address, and idle connections are dropped when the answer changes, so after a
+failover the first command that finds the old primary gone (`StateUnavailable`: the gateway routes in
+degraded mode meanwhile) is followed by commands that reach the promoted replica.
 """
 
 from __future__ import annotations
@@ -17,19 +23,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as redis
 from redis.asyncio.client import Redis
-from redis.backoff import NoBackoff
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
-from redis.retry import Retry
+from redis.exceptions import AskError, ClusterCrossSlotError, ClusterDownError, MovedError, RedisError
 
 from state import keys
 from state.cache_model import CacheCounters
-from state.errors import StateUnavailable
+from state.errors import StateUnavailable, StoreUnsupported
 from state.health import NodeHealth
 from state.inflight import GenerationRead, RequestProgress, Ticket, decode_progress, oldest_first, progress_parts
 from state.policy import rendezvous_rank, tie_key
+from state.redis_client import open_client
+from state.redis_url import CLUSTER_REFUSED
 from state.types import (
     Decision,
     Lease,
@@ -74,10 +80,19 @@ def _script_source(name: str) -> str:
     return keys.lua_prelude() + model + _lua(name)
 
 
+CLUSTER_ERRORS = (MovedError, AskError, ClusterCrossSlotError, ClusterDownError)
+"""What a Redis Cluster node answers a command whose keys it does not serve together."""
+
+
 @contextlib.contextmanager
 def _unavailable(what: str) -> Iterator[None]:
     try:
         yield
+    except CLUSTER_ERRORS as exc:
+        raise StateUnavailable(f"redis {what} failed: {CLUSTER_REFUSED} (the server said: {exc})") from exc
+    except MasterNotFoundError as exc:  # its text goes on with a repr of every sentinel client: drop that
+        found = str(exc).partition(" : ")[0]
+        raise StateUnavailable(f"redis {what} failed: {found} (no sentinel answered, or none monitors it)") from exc
     except (RedisError, OSError) as exc:
         raise StateUnavailable(f"redis {what} failed: {exc}") from exc
 
@@ -85,29 +100,21 @@ def _unavailable(what: str) -> Iterator[None]:
 class RedisStore:
     """The store shared by replicas. Build it with `RedisStore.from_url` (or `state.open_store`)."""
 
-    def __init__(self, client: Redis, limits: RoutingLimits | None = None) -> None:
+    def __init__(self, client: Redis, limits: RoutingLimits | None = None, *, sentinel: Sentinel | None = None) -> None:
         self.client = client
         self.limits = limits or RoutingLimits()
         self.prefix = self.limits.key_prefix
+        self._sentinel = sentinel
         self._scripts: dict[str, AsyncScript] = {name: client.register_script(_script_source(name)) for name in SCRIPTS}
 
     @classmethod
     def from_url(cls, url: str, limits: RoutingLimits | None = None) -> RedisStore:
-        """Connect lazily to `redis://[[user]:password@]host:port/db`, `rediss://…` or `unix:///path`.
-
-        Timeouts are short (`limits.redis_timeout_ms`) and a failed command is retried once at once (a
-        pooled connection may have died with a Redis restart), so an outage costs callers milliseconds.
-        """
+        """Connect lazily to `redis://[[user]:password@]host:port/db`, `rediss://…`, `unix:///path`, or the
+        primary named by `redis+sentinel://…` / `rediss+sentinel://…` (`state.redis_url`,
+        `state.redis_client`), with timeouts of `limits.redis_timeout_ms`."""
         limits = limits or RoutingLimits()
-        timeout = limits.redis_timeout_ms / 1000
-        client = redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
-        return cls(client, limits)
+        client, sentinel = open_client(url, limits.redis_timeout_ms / 1000)
+        return cls(client, limits, sentinel=sentinel)
 
     async def _run(self, name: str, keys_: Sequence[str], args: Sequence[str | int | float]) -> Any:
         with _unavailable(name):
@@ -378,9 +385,17 @@ class RedisStore:
         with _unavailable("ping"):
             await self.client.ping()
 
+    async def check(self) -> None:
+        with _unavailable("check"):
+            info = await self.client.info("cluster")
+        if int(info.get("cluster_enabled", 0)):
+            raise StoreUnsupported(CLUSTER_REFUSED)
+
     async def close(self) -> None:
         with _unavailable("close"):
             await self.client.aclose()
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
 
 
 def _node_view(

@@ -160,6 +160,11 @@ class Store(Protocol):
         """Return if the backend is reachable, else raise StateUnavailable."""
         ...
 
+    async def check(self) -> None:
+        """Raise StoreUnsupported if the backend can never hold the shared state (a Redis Cluster node),
+        StateUnavailable if it cannot be reached now; return otherwise (a replica asks once, at start)."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
