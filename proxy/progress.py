@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from state.inflight import Phase, RequestProgress
@@ -40,6 +41,8 @@ class Progress:
     total: int = 0
     joined: int = 0
     changed: bool = True
+    waiting: Callable[[], int] | None = None
+    """How many copies of the request wait for this answer (proxy.joins), when others may join it."""
 
     def prefill(self, done: int, total: int) -> None:
         if self.phase is not Phase.GENERATING and (done, total) != (self.done, self.total):
@@ -51,10 +54,6 @@ class Progress:
             self.phase, self.done, self.total = Phase.GENERATING, 0, 0
         self.done += 1
         self.changed = True
-
-    def set_joined(self, joined: int) -> None:
-        if joined != self.joined:
-            self.joined, self.changed = joined, True
 
     def record(self, now: float) -> RequestProgress:
         age = int((now - self.started) * 1000)
@@ -78,6 +77,8 @@ class ProgressBook:
         """What to send now: changed records of requests older than REPORT_INTERVAL_S (marked sent)."""
         out = []
         for progress in self.live.values():
+            if progress.waiting is not None and (joined := progress.waiting()) != progress.joined:
+                progress.joined, progress.changed = joined, True
             if progress.changed and now - progress.started >= REPORT_INTERVAL_S:
                 progress.changed = False
                 out.append((progress.lease, progress.record(now)))

@@ -517,6 +517,8 @@ class RelayResponse:
         path, body = self.upstream_request(self.gw, self.prep, node_id)
         client = self.gw.cluster.clients[node_id]
         timeouts = self.settings.timeouts
+        if self.generation is not None:
+            attempt.progress.waiting = self.generation.waiting
         opening = asyncio.ensure_future(client.open_stream(path, body, self.prep.upstream_headers))
         try:
             stream = await self._wait(opening, timeouts.first_byte_s, attempt.started, node_id)
@@ -575,8 +577,6 @@ class RelayResponse:
             if not chunk:
                 return
             since = time.monotonic()
-            if self.generation is not None:
-                attempt.progress.set_joined(self.generation.waiting())
             yield chunk
 
     async def _relay_chat(self, stream: NodeStream, attempt: Attempt) -> bytes:

@@ -80,6 +80,10 @@ class Stats(msgspec.Struct):
     completed: int = 0
     errors: int = 0
     disconnects: int = 0
+    generations: int = 0
+    """Requests that got a generation slot (began prefill), finished or not."""
+    busy_s: float = 0.0
+    """Seconds generations held a slot, summed: the work the node did, including work thrown away."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -99,6 +103,8 @@ class StatsView(msgspec.Struct, frozen=True):
     completed: int
     errors: int
     disconnects: int
+    generations: int
+    busy_s: float
     active: int
     generating: int
     queued: int
@@ -143,6 +149,8 @@ class SimNode:
             completed=s.completed,
             errors=s.errors,
             disconnects=s.disconnects,
+            generations=s.generations,
+            busy_s=round(s.busy_s, 3),
             active=self.active,
             generating=self.generating,
             queued=self.queued,
@@ -181,6 +189,8 @@ class SimNode:
         finally:
             self.queued -= 1
         self.generating += 1
+        self.stats.generations += 1
+        held = time.monotonic()
         try:
             rest = prompt_tokens - cached
             tps = self.config.prefill_tps
@@ -207,6 +217,7 @@ class SimNode:
             )
             yield Finished(plan.finish_reason, prompt_tokens, cached, plan.completion_tokens, plan.stop_sequence)
         finally:
+            self.stats.busy_s += time.monotonic() - held
             self.generating -= 1
             self._slots.release()
 
