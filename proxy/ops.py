@@ -163,7 +163,7 @@ def _inflight_lines(nodes: Sequence[dict[str, Any]]) -> list[str]:
             if phase == "prefill" and total:
                 doing = f"prefill {done}/{total} tokens ({done / total:.0%})"
             elif phase == "generating":
-                doing = f"generating, {done} pieces so far"
+                doing = f"generating, {done} tokens so far"
             else:
                 doing = "queued (nothing from the node yet)"
             joined = r.get("joined") or 0
