@@ -68,7 +68,9 @@ def test_team_sessions_stay_on_one_node_and_hit_the_cache(sims: list[Proc], redi
     assert aware_later >= best_later - 0.04
     assert aware_later >= rr_later + 0.10
     assert aware_later >= rand_later + 0.10
-    assert len(rr.sessions_split) == SESSIONS
+    # Round-robin scatters sessions (not always every one: 12 sessions in lockstep on 3 nodes can hand a
+    # session the same node turn after turn; one run kept 1 of 12 together).
+    assert len(rr.sessions_split) >= SESSIONS // 2
 
 
 def test_simultaneous_first_turns_of_one_session_land_on_one_node(sims: list[Proc], redis_url: str) -> None:
