@@ -100,6 +100,7 @@ class StatsView(msgspec.Struct, frozen=True):
     errors: int
     disconnects: int
     active: int
+    hanging: int
     generating: int
     queued: int
     prompt_tokens: int
@@ -123,6 +124,7 @@ class SimNode:
         self.faults = FaultState(config.faults)
         self.stats = Stats()
         self.active = 0  # inference requests in flight, whatever they are doing
+        self.hanging = 0  # held by the hang fault
         self.generating = 0  # holding a slot
         self.queued = 0  # waiting for a slot
         self._slots = asyncio.Semaphore(config.parallel)
@@ -144,6 +146,7 @@ class SimNode:
             errors=s.errors,
             disconnects=s.disconnects,
             active=self.active,
+            hanging=self.hanging,
             generating=self.generating,
             queued=self.queued,
             prompt_tokens=s.prompt_tokens,
