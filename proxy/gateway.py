@@ -35,6 +35,7 @@ from proxy.errors import ClusterUnavailable
 from proxy.health import HealthMonitor
 from proxy.membership import Membership
 from proxy.metrics import Metrics
+from proxy.pools import unavailable
 from proxy.translate import DEFAULT_BYTES_PER_TOKEN
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
@@ -170,9 +171,7 @@ class Gateway:
         """Choose a node for one attempt; raises ClusterUnavailable when no node of the pool is routable."""
         candidates = self.cluster.candidates(pool, exclude)
         if not candidates:
-            raise ClusterUnavailable(
-                f"no routable node in pool {pool!r} (see GET /cluster)", retry_after=self.settings.routing.retry_after_s
-            )
+            raise self.unavailable(pool)
         r = self.settings.routing
         request = RouteRequest(
             pool=pool,
@@ -207,6 +206,11 @@ class Gateway:
             self._local_leases.add(decision.lease)
         self.inflight.add(decision.lease)
         return decision
+
+    def unavailable(self, pool: str) -> ClusterUnavailable:
+        """The 503 for a pool with no routable node, naming each node and what is wrong with it."""
+        settings = self.settings
+        return unavailable(self.cluster, self.health.records, pool, settings.models, settings.routing.retry_after_s)
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:
         self.inflight.discard(lease)

@@ -22,12 +22,28 @@ access_log = logging.getLogger("mlxmux.access")
 
 SessionIds = Literal["hash", "plain", "off"]
 
+_encode = msgspec.json.Encoder(enc_hook=str).encode
+MAX_ERROR_CHARS = 500
+"""Characters of an error message in an access line (a node's error page can be long)."""
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
 
 class Fields(dict[str, object]):
-    """A log message made of fields: `key=value …` as text, merged into the object as JSON."""
+    """A log message made of fields: `key=value …` as text, merged into the object as JSON. A text value with
+    spaces or quotes in it (an error message) is written as a JSON string, so the line still splits into fields."""
 
     def __str__(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.items() if v is not None)
+        return " ".join(f"{k}={_text_value(v)}" for k, v in self.items() if v is not None)
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    if isinstance(value, str) and (not text or any(c.isspace() or c in "\"'=" for c in text)):
+        return _encode(text).decode()
+    return text
 
 
 @dataclass(slots=True)
@@ -46,6 +62,10 @@ class RequestRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
+    error: str = ""
+    """Why the request failed (the message the client got), for the operator reading the line."""
+    client: str | None = None
+    """The client's address; set on refused logins (401) only, to see where wrong keys come from."""
 
 
 def session_label(session: str | None, mode: SessionIds) -> str | None:
@@ -77,13 +97,12 @@ def log_access(record: RequestRecord, status: int | str, session_ids: SessionIds
         prompt_tokens=prompt,
         cached_tokens=record.cached_tokens,
         cached_share=round(record.cached_tokens / prompt, 3) if prompt else None,
+        client=record.client,
+        error=_short(record.error) if record.error else None,
     )
     if session_ids == "off":
         del line["session"]
     access_log.info(line)
-
-
-_encode = msgspec.json.Encoder(enc_hook=str).encode
 
 
 class RedactingFormatter(logging.Formatter):

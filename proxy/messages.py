@@ -159,7 +159,7 @@ async def messages(request: Request) -> Response | RelayResponse:
         status = "client_cancel"
         raise
     except GatewayError as exc:
-        status = exc.status
+        status, record.error = exc.status, exc.message
         raise
     except Exception:
         status = 500

@@ -63,3 +63,26 @@ def test_log_lines_never_carry_url_credentials(inner: logging.Formatter) -> None
     line = formatter.format(record)
     assert "pw-123" not in line and "alice" not in line
     assert line.count("http://***@mac1:8080") >= 2  # the message's argument, and the traceback's
+
+
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        (Fields(status=503, error="no routable node in pool 'default' (mac1: draining)"),
+         'status=503 error="no routable node in pool \'default\' (mac1: draining)"'),
+        (Fields(path="/v1/messages", model="claude-opus-4-8"), "path=/v1/messages model=claude-opus-4-8"),
+        (Fields(error='say "x=1"'), 'error="say \\"x=1\\""'),
+        (Fields(model=""), 'model=""'),
+    ],
+)  # fmt: skip
+def test_text_fields_with_spaces_or_quotes_stay_one_field(fields: Fields, text: str) -> None:
+    assert str(fields) == text
+
+
+def test_an_access_line_says_why_the_request_failed(caplog: pytest.LogCaptureFixture) -> None:
+    record = RequestRecord("req_2", error="x" * 2000, client="10.1.2.3")
+    with caplog.at_level(logging.INFO, logger="mlxmux.access"):
+        log_access(record, 503, "hash")
+    (line,) = [r.msg for r in caplog.records]
+    assert line["status"] == 503 and line["client"] == "10.1.2.3"
+    assert len(line["error"]) == 500 and line["error"].endswith("…")
