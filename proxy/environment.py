@@ -68,6 +68,7 @@ OTHER_READERS = frozenset(
         "MLXMUX_GATEWAY_DNS",  # deploy/haproxy.cfg
         "MLXMUX_LB_PORT",
         "MLXMUX_LB_CHECK_INTERVAL",
+        "MLXMUX_SIM_ARGS",  # deploy/systemd/mlxmux-sim@.service
         "MLXMUX_BENCH_LITELLM",  # bench/gateway_speed.py
     }
 )
