@@ -123,17 +123,16 @@ def warn_if_open(auth: AuthConfig, host: str) -> None:
 def refuse_login(scope: Scope, presented: bool) -> NoReturn:
     """Write the access line of a refused login (401) and raise its error. The line says whether a key was
     sent and where from; never which key was tried, nor a key's name (a wrong key is nobody's)."""
-    if presented:
-        why = "the API key sent is not one of this gateway's team keys (MLXMUX_API_KEYS)"
-    else:
-        why = "no API key sent (x-api-key or Authorization: Bearer)"
+    # Claude Code replaces a 401 message that mentions `x-api-key` (Anthropic's own words) with its generic
+    # "Not logged in · Please run /login"; other words it shows: "Please run /login · API Error: 401 <words>".
+    why = "the API key sent is not one of this gateway's team keys" if presented else "no API key sent"
     client = scope.get("client")
     record = RequestRecord(
         request_id=scope.get("state", {}).get("request_id", ""),
         method=scope["method"],
         path=scope["path"],
         client=client[0] if client else None,
-        error=why,
+        error=f"{why} (MLXMUX_API_KEYS)" if presented else why,
     )
     log_access(record, 401, "off")
     raise AuthenticationFailed(f"{why}: set ANTHROPIC_AUTH_TOKEN (or ANTHROPIC_API_KEY) to your team key")

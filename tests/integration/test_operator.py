@@ -186,6 +186,9 @@ def test_refused_logins_are_in_the_access_log(gw: Proc, kw: dict[str, Any] | Non
             client.messages.create(model="claude-opus-4-8", max_tokens=4, messages=HI)
         response = info.value.response
     assert response.status_code == 401
+    # Claude Code hides a 401 message that mentions x-api-key behind its generic "Not logged in"; ours it shows.
+    message = response.json()["error"]["message"]
+    assert message == f"{why}: set ANTHROPIC_AUTH_TOKEN (or ANTHROPIC_API_KEY) to your team key"
     line = log_line(gw, "mlxmux.access", response.headers["request-id"])
     assert "status=401" in line and "path=/v1/messages" in line and "client=127.0.0.1" in line, line
     assert why in line, line
@@ -226,15 +229,23 @@ def test_when_every_node_fails_to_connect_the_answer_is_503_with_retry_after(two
         assert "attempts=2" in line and "status=503" in line, line
 
 
-def test_demo_with_its_port_busy_is_one_line() -> None:
+@pytest.mark.parametrize(
+    ("command", "prefix"),
+    [
+        (["serve", "--node", "http://127.0.0.1:9", "--port"], "mlxmux: error: "),
+        (["demo", "--node-port", str(free_port()), "--port"], "mlxmux: error: "),
+        (["sim-node", "--port"], "mlxmux sim-node: error: "),
+    ],
+)
+def test_a_busy_port_is_one_line(command: list[str], prefix: str) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = cli("demo", "--port", str(port), "--node-port", str(free_port()))
+        proc = cli(*command, str(port))
     assert proc.returncode == 2
     assert proc.stderr == (
-        f"mlxmux: error: port {port} on 127.0.0.1 is already in use (another mlxmux or another program): "
+        f"{prefix}port {port} on 127.0.0.1 is already in use (another mlxmux or another program): "
         "choose another --port\n"
     )
 
