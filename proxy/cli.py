@@ -58,21 +58,14 @@ def serve(settings: Settings) -> int:
 
     from proxy.app import build_app
     from proxy.auth import warn_if_open
-    from proxy.logs import JsonFormatter, RedactingFormatter
+    from proxy.logs import configure_logging
 
     try:
         check_can_listen(settings.server.host, settings.server.port)
     except CannotListen as exc:
         raise ConfigError(str(exc)) from None
     json_logs = settings.server.log_format == "json"
-    handler = logging.StreamHandler()
-    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    handler.setFormatter(RedactingFormatter(JsonFormatter() if json_logs else text))  # no URL credentials
-    logging.basicConfig(level=settings.server.log_level.upper(), handlers=[handler])
-    # httpx logs every request at INFO (4 lines a probe round, with node URLs and any credentials in them):
-    # the gateway's own access log and health changes say what matters.
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(settings.server)
     for warning in unknown_variable_warnings(os.environ):  # a misspelled setting would be ignored silently
         logging.getLogger("mlxmux").warning("%s", warning)
     warn_if_open(settings.auth, settings.server.host)

@@ -91,6 +91,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     """json: every log line is one JSON object (docs/operations.md#metrics-and-logs)."""
+    log_http: bool = False
+    """true: httpx's own line for every request sent to a node (probes included: four lines a round)."""
     log_session_ids: Literal["hash", "plain", "off"] = "hash"
     """Session ids in access lines: sha256 (first 12 hex digits), as sent, or left out."""
     shutdown_grace_s: SecondsOrOff = 30.0

@@ -26,6 +26,7 @@ ENV_KEYS: dict[str, tuple[str | None, str]] = {
     "MLXMUX_PING_INTERVAL_S": ("server", "ping_interval_s"),
     "MLXMUX_LOG_LEVEL": ("server", "log_level"),
     "MLXMUX_LOG_FORMAT": ("server", "log_format"),
+    "MLXMUX_LOG_HTTP": ("server", "log_http"),
     "MLXMUX_LOG_SESSION_IDS": ("server", "log_session_ids"),
     "MLXMUX_ADMIN_TOKEN": ("server", "admin_token"),
     "MLXMUX_SHUTDOWN_GRACE_S": ("server", "shutdown_grace_s"),

@@ -16,7 +16,7 @@ from typing import Literal
 
 import msgspec
 
-from proxy.config import redact_credentials
+from proxy.config import ServerConfig, redact_credentials
 
 access_log = logging.getLogger("mlxmux.access")
 
@@ -134,3 +134,19 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return _encode(out).decode()
+
+
+HTTP_CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+def configure_logging(server: ServerConfig) -> None:
+    """The process's logging for `mlxmux serve`: one handler, text or JSON, URL credentials redacted, at the
+    configured level. httpx logs every request it sends at INFO (four lines a probe round, with node URLs):
+    those stay off unless `server.log_http` asks for them; the gateway's own access lines, node state
+    changes and (at debug) routing decisions say what matters."""
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler.setFormatter(RedactingFormatter(JsonFormatter() if server.log_format == "json" else text))
+    logging.basicConfig(level=server.log_level.upper(), handlers=[handler])
+    for name in HTTP_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if server.log_http else logging.WARNING)

@@ -9,7 +9,17 @@ import sys
 
 import pytest
 
-from proxy.logs import Fields, JsonFormatter, RedactingFormatter, RequestRecord, log_access, session_label
+from proxy.config import load_settings
+from proxy.logs import (
+    HTTP_CLIENT_LOGGERS,
+    Fields,
+    JsonFormatter,
+    RedactingFormatter,
+    RequestRecord,
+    configure_logging,
+    log_access,
+    session_label,
+)
 
 
 @pytest.mark.parametrize(
@@ -86,3 +96,15 @@ def test_an_access_line_says_why_the_request_failed(caplog: pytest.LogCaptureFix
     (line,) = [r.msg for r in caplog.records]
     assert line["status"] == 503 and line["client"] == "10.1.2.3"
     assert len(line["error"]) == 500 and line["error"].endswith("…")
+
+
+@pytest.mark.parametrize(("log_http", "level"), [(False, logging.WARNING), (True, logging.NOTSET)])
+def test_httpx_request_lines_are_off_unless_asked_for(log_http: bool, level: int) -> None:
+    """NOTSET: httpx's loggers then follow the configured level (its per-request lines are INFO)."""
+    saved = {name: logging.getLogger(name).level for name in HTTP_CLIENT_LOGGERS}
+    try:
+        configure_logging(load_settings(env={"MLXMUX_LOG_HTTP": str(log_http).lower()}).server)
+        assert {logging.getLogger(name).level for name in HTTP_CLIENT_LOGGERS} == {level}
+    finally:
+        for name, old in saved.items():
+            logging.getLogger(name).setLevel(old)
