@@ -52,8 +52,12 @@ DOCUMENTS = [
 ]
 
 
+EXAMPLES = {"MLXMUX_FIRST_BYTE_TIMEOUT"}
+"""Misspelled on purpose: the example of the start-up warning (docs/configuration.md)."""
+
+
 @pytest.mark.parametrize("path", DOCUMENTS, ids=[str(p.relative_to(ROOT)) for p in DOCUMENTS])
 def test_every_variable_the_docs_name_is_real(path) -> None:
     """A variable misspelled in the docs would be copied into shells and unit files, and silently ignored."""
-    names = set(re.findall(r"\bMLXMUX_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+    names = set(re.findall(r"\bMLXMUX_[A-Z0-9_]*[A-Z0-9]\b", path.read_text())) - EXAMPLES
     assert [name for name, _ in unknown_variables(names)] == []
