@@ -58,14 +58,7 @@ async def _run(args: argparse.Namespace) -> None:
     async def announce() -> None:
         while not (gateway.started and all(s.started for s in servers)):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        print(
-            f"mlxmux demo: gateway on {url}, {len(sims)} sim nodes on ports "
-            f"{sims[0].port}-{sims[-1].port} (state: {url}/cluster)\n\n"
-            "In another terminal, run Claude Code against it:\n\n"
-            f"  ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=mlxmux CLAUDE_CODE_ATTRIBUTION_HEADER=0 claude\n\n"
-            "Type `run: ls` to see a tool round trip. Ctrl-C stops the demo.",
-            flush=True,
-        )
+        print(announcement(url, [s.port for s in sims]), flush=True)
 
     async def run_gateway() -> None:
         # The gateway owns Ctrl-C; when it stops, the sim nodes stop with it.
@@ -76,6 +69,18 @@ async def _run(args: argparse.Namespace) -> None:
                 s.should_exit = True
 
     await asyncio.gather(*(s.serve() for s in servers), run_gateway(), announce())
+
+
+def announcement(url: str, node_ports: Sequence[int]) -> str:
+    """What the demo prints once everything listens: where, and the line to paste for Claude Code."""
+    first, last, count = node_ports[0], node_ports[-1], len(node_ports)
+    nodes = f"1 sim node on port {first}" if count == 1 else f"{count} sim nodes on ports {first}-{last}"
+    return (
+        f"mlxmux demo: gateway on {url}, {nodes} (state: {url}/cluster)\n\n"
+        "In another terminal, run Claude Code against it:\n\n"
+        f"  ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=mlxmux CLAUDE_CODE_ATTRIBUTION_HEADER=0 claude\n\n"
+        "Type `run: ls` to see a tool round trip. Ctrl-C stops the demo."
+    )
 
 
 def check_ports(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from proxy.cli import build_parser, main
 from proxy.demo import _parser as demo_parser
+from proxy.demo import announcement
 from proxy.ops import plural, render_sessions, render_status
 from proxy.sim.cli import _parser as sim_parser
 
@@ -86,3 +87,14 @@ def test_status_header_names_cluster_strategy_and_store_and_problems() -> None:
     text = render_status(view, "http://gw:8420")
     assert text.splitlines()[0] == "cluster healthy · 1 node · strategy cache-aware · store memory · via http://gw:8420"
     assert text.endswith("problems:\n  pool 'small' has no nodes, but the model map sends claude-*haiku* there: …")
+
+
+@pytest.mark.parametrize(
+    ("ports", "words"),
+    [([8431], "gateway on http://127.0.0.1:8420, 1 sim node on port 8431 "),
+     ([8431, 8432, 8433], "gateway on http://127.0.0.1:8420, 3 sim nodes on ports 8431-8433 ")],
+)  # fmt: skip
+def test_the_demo_counts_its_nodes_in_words(ports: list[int], words: str) -> None:
+    text = announcement("http://127.0.0.1:8420", ports)
+    assert text.startswith(f"mlxmux demo: {words}")
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:8420 ANTHROPIC_AUTH_TOKEN=mlxmux" in text
