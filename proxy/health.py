@@ -109,7 +109,7 @@ class HealthMonitor:
             status, body = await client.get("/health", timeout=self.config.timeout_s)
             if status == LoopDetected.status:  # the URL leads to a gateway, maybe this one (proxy.loop)
                 words = node_error_message(status, body)
-                return f"node {node_id}: {redact_url(node.url)} leads to an mlxmux gateway, not to a node: {words}"
+                return f"node {node_id}: {redact_url(node.url)} is an mlxmux gateway: {words}"
             # Nodes without /health (vLLM answers 200, LM Studio 404) are judged by /v1/models alone.
             if status >= 500:
                 return f"/health answered {status}"

@@ -28,13 +28,10 @@ _HOP = HOP_HEADER.encode()
 def loop_message(sender: str) -> str:
     """What a gateway answers to a request another (or the same) mlxmux gateway sent it as to a node."""
     if sender == GATEWAY_ID:
-        return (
-            "routing loop: a node URL of this mlxmux gateway points back at the gateway itself; "
-            "give the node's own URL (mlx_lm.server, e.g. http://mac1.local:8080)"
-        )
+        return "routing loop: this node URL points back at this mlxmux gateway; give the Mac's own URL instead"
     return (
-        "routing loop: this is an mlxmux gateway, not an inference node, and another mlxmux gateway "
-        f"(process {sender}) sent it a request as to a node; give that gateway the node's own URL"
+        f"routing loop: this is an mlxmux gateway, not an inference node, and another one (process {sender}) "
+        "sent it a request as to a node; give that gateway the node's own URL"
     )
 
 

@@ -158,16 +158,15 @@ def test_a_node_url_that_leads_back_to_the_gateway_is_a_loop(gw: Proc) -> None:
     entry = wait_until(loop_error, "the self node's last error names the loop")
     assert entry["state"] not in ("healthy", "degraded")
     assert entry["last_error"] == (
-        f"node self: {gw.url} leads to an mlxmux gateway, not to a node: routing loop: a node URL of this mlxmux "
-        "gateway points back at the gateway itself; give the node's own URL (mlx_lm.server, e.g. "
-        "http://mac1.local:8080)"
+        f"node self: {gw.url} is an mlxmux gateway: routing loop: this node URL points back at this mlxmux gateway; "
+        "give the Mac's own URL instead"
     )
     assert "node self: initializing -> unhealthy: " in log_line(gw, "mlxmux.health", "node self:", "routing loop")
     # What another gateway, pointed here as at a node, is told.
     r = httpx.get(gw.url + "/health", headers={"x-mlxmux-hop": "0123abcd"}, timeout=5)
     assert r.status_code == 508
     assert r.json()["error"]["type"] == "loop_detected"
-    assert "another mlxmux gateway (process 0123abcd)" in r.json()["error"]["message"]
+    assert "an mlxmux gateway, not an inference node, and another one (process 0123abcd)" in r.text
 
 
 @pytest.mark.parametrize(
