@@ -26,8 +26,10 @@ from proxy.cluster import Cluster
 from proxy.config import Settings, load_settings, pool_windows, redact_url
 from proxy.errors import GatewayError, HeadersTooLarge, NotFound, error_body, error_headers
 from proxy.gateway import Gateway
+from proxy.loop import LoopGuard
 from proxy.messages import count_tokens, messages
 from proxy.metrics import metrics_endpoint
+from proxy.pools import looks, pool_counts, pool_problems
 from state import open_store
 from state.cache_model import belief_view
 from state.errors import StateUnavailable
@@ -105,8 +107,12 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    """200 when at least one node is routable (what a load balancer checks). The body also says, per pool,
+    how many nodes it has and how many are routable, and names pools requests are sent to that have no
+    node: one empty pool must not take the replica out of its load balancer, but it must be visible."""
     gw = _gateway(request)
     routable = any(gw.cluster.candidates(pool) for pool in gw.cluster.pools())
+    nodes = looks(gw.cluster, gw.health.records)
     if not gw.settings.redis_url:
         mode = "memory"
     else:
@@ -115,7 +121,9 @@ async def ready(request: Request) -> Response:
             mode = "shared"
         except StateUnavailable:
             mode = "degraded"  # routing on local knowledge; sessions pinned by a hash all replicas share
-    body = {"ready": routable, "cluster": gw.cluster.status(), "mode": mode}
+    body: dict[str, object] = {"ready": routable, "cluster": gw.cluster.status(), "mode": mode}
+    body["pools"] = pool_counts(nodes, gw.settings.models)
+    body["problems"] = pool_problems(nodes, gw.settings.models)
     return JSONResponse(body, status_code=200 if routable else 503)
 
 
@@ -158,8 +166,11 @@ async def cluster_view(gw: Gateway) -> dict[str, object]:
         if window is not None:
             entry["context_window"] = window
         nodes.append(entry)
+    looked = looks(gw.cluster, gw.health.records)
     return {
         "status": gw.cluster.status(),
+        "pools": pool_counts(looked, gw.settings.models),
+        "problems": pool_problems(looked, gw.settings.models),
         "strategy": str(gw.settings.routing.strategy),
         "store": "shared" if gw.settings.redis_url else "memory",
         "store_reachable": gw.store_ok and gw.health.shared,
@@ -206,6 +217,8 @@ def build_app(
         app.state.gateway = gw
         app.state.started = time.time()
         await gw.start()
+        for problem in pool_problems(looks(gw.cluster, gw.health.records), settings.models):
+            log.warning("%s", problem)
         try:
             yield
         finally:
@@ -231,6 +244,7 @@ def build_app(
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(ApiKeyMiddleware, auth=settings.auth)  # inside RequestIdMiddleware (added last = outermost)
+    app.add_middleware(LoopGuard)  # before the key check: a looped request carries no team key
     app.add_middleware(RequestIdMiddleware, max_header_bytes=settings.server.max_header_bytes)
     return app
 

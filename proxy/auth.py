@@ -21,12 +21,14 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
+from typing import NoReturn
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.config import AuthConfig
 from proxy.errors import AuthenticationFailed, RateLimited
 from proxy.gateway import Gateway
+from proxy.logs import RequestRecord, log_access
 
 log = logging.getLogger("mlxmux.auth")
 
@@ -118,6 +120,24 @@ def warn_if_open(auth: AuthConfig, host: str) -> None:
         )
 
 
+def refuse_login(scope: Scope, presented: bool) -> NoReturn:
+    """Write the access line of a refused login (401) and raise its error. The line says whether a key was
+    sent and where from; never which key was tried, nor a key's name (a wrong key is nobody's)."""
+    # Claude Code replaces a 401 message that mentions `x-api-key` (Anthropic's own words) with its generic
+    # "Not logged in · Please run /login"; other words it shows: "Please run /login · API Error: 401 <words>".
+    why = "the API key sent is not one of this gateway's team keys" if presented else "no API key sent"
+    client = scope.get("client")
+    record = RequestRecord(
+        request_id=scope.get("state", {}).get("request_id", ""),
+        method=scope["method"],
+        path=scope["path"],
+        client=client[0] if client else None,
+        error=f"{why} (MLXMUX_API_KEYS)" if presented else why,
+    )
+    log_access(record, 401, "off")
+    raise AuthenticationFailed(f"{why}: set ANTHROPIC_AUTH_TOKEN (or ANTHROPIC_API_KEY) to your team key")
+
+
 class ApiKeyMiddleware:
     """Checks team keys on /v1/* and holds a fair-share slot around each POST /v1/messages.
 
@@ -133,9 +153,10 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.keys or not needs_key(scope["path"]):
             await self.app(scope, receive, send)
             return
-        name = self.keys.match(presented_keys(scope["headers"]))
+        presented = presented_keys(scope["headers"])
+        name = self.keys.match(presented)
         if name is None:
-            raise AuthenticationFailed("invalid x-api-key (or Authorization: Bearer token) for this gateway")
+            refuse_login(scope, bool(presented))
         limit = self.auth.max_concurrent_per_key
         pool = slot_pool(scope["method"], scope["path"])
         if limit <= 0 or pool is None:

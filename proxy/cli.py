@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from proxy import ops
 from proxy.config import ConfigError, Settings, load_settings, redact_url
+from proxy.environment import unknown_variable_warnings
+from proxy.listen import CannotListen, check_can_listen
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +36,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=["cache-aware", "round-robin", "least-loaded", "latency-based", "random"],
         help="routing strategy (MLXMUX_STRATEGY, default cache-aware)",
     )
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="MLXMUX_LOG_LEVEL")
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (MLXMUX_LOG_LEVEL, default info); debug adds each routing decision",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -80,19 +87,16 @@ def serve(settings: Settings) -> int:
 
     from proxy.app import build_app
     from proxy.auth import warn_if_open
-    from proxy.logs import JsonFormatter, RedactingFormatter
+    from proxy.logs import configure_logging
 
+    try:
+        check_can_listen(settings.server.host, settings.server.port)
+    except CannotListen as exc:
+        raise ConfigError(str(exc)) from None
     json_logs = settings.server.log_format == "json"
-    handler = logging.StreamHandler()
-    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    handler.setFormatter(RedactingFormatter(JsonFormatter() if json_logs else text))  # no URL credentials
-    logging.basicConfig(level=settings.server.log_level.upper(), handlers=[handler])
-    # httpx logs every request at INFO (4 lines a probe round, with node URLs and any credentials in them):
-    # the gateway's own access log and health changes say what matters.
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not settings.nodes:
-        logging.getLogger("mlxmux").warning("no nodes configured: every request will get 503 until nodes are added")
+    configure_logging(settings.server)
+    for warning in unknown_variable_warnings(os.environ):  # a misspelled setting would be ignored silently
+        logging.getLogger("mlxmux").warning("%s", warning)
     warn_if_open(settings.auth, settings.server.host)
     config = uvicorn.Config(
         build_app(settings),
@@ -122,6 +126,18 @@ def _version() -> str:
         return "unknown"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """`mlxmux` and its subcommands (sim-node and demo parse their own arguments: see their --help)."""
+    parser = argparse.ArgumentParser(prog="mlxmux", description="Claude Code gateway for a team's own Macs.")
+    parser.add_argument("--version", action="version", version=f"mlxmux {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    ops.add_parsers(sub)
+    sub.add_parser("sim-node", help="run a simulated mlx_lm.server (mlxmux sim-node --help)", add_help=False)
+    sub.add_parser("demo", help="start sim nodes and a gateway to try with Claude Code", add_help=False)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "sim-node":
@@ -132,13 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.demo import main as demo_main
 
         return demo_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="mlxmux", description="Claude Code gateway for a team's own Macs.")
-    parser.add_argument("--version", action="version", version=f"mlxmux {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _serve_parser(sub)
-    ops.add_parsers(sub)
-    sub.add_parser("sim-node", help="run a simulated mlx_lm.server (mlxmux sim-node --help)", add_help=False)
-    sub.add_parser("demo", help="start sim nodes and a gateway to try with Claude Code", add_help=False)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # bare `mlxmux`
         parser.print_help()

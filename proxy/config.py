@@ -13,17 +13,33 @@ import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
+from proxy.environment import ENV_KEYS, variable_for
 from state.redis_url import check_store_url
 from state.types import CostWeights, Strategy
 
 
 class ConfigError(Exception):
     """Invalid configuration; the message is one line meant for the user."""
+
+
+# Ranges of numeric settings, checked when the configuration is decoded, so that a bad value stops the gateway
+# with a line naming its path (`server.port must be 1..65535, not 99999`) instead of misbehaving: a port that
+# wraps around, probes in a busy loop, a negative TTL that ends every binding at once.
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+"""At least one."""
+CountOrOff = Annotated[int, msgspec.Meta(ge=0)]
+"""0 turns the limit off (or means none)."""
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]
+"""0 turns the limit off (or means at once)."""
+Interval = Annotated[float, msgspec.Meta(ge=0.1)]
+"""A period of background work: below 0.1 s it is a busy loop (an interval of 0 made 1,168 probes in 6 s)."""
 
 
 class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -38,8 +54,8 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Pool of interchangeable nodes; the model map sends a requested model name to a pool."""
     protocol: Literal["openai", "anthropic"] = "openai"
     """openai = chat completions (translated); anthropic = native /v1/messages (passed through)."""
-    max_concurrency: int = 4
-    cache_slots: int = 10
+    max_concurrency: Count = 4
+    cache_slots: Count = 10
     """Prompts the node's cache holds (mlx_lm.server --prompt-cache-size, default 10)."""
     images: bool = False
     """True if the node's model takes images; otherwise images become a text placeholder."""
@@ -51,106 +67,100 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prompt_order: Literal["system-first", "tools-first"] = "system-first"
     """The order the node's chat template renders the system prompt and the tools (Qwen, Llama, GLM: system
     first). Prompts are hashed in this order, so it must match for prefix routing (docs/routing.md)."""
-    context_window: int | None = None
+    context_window: Count | None = None
     """Tokens the node's model holds (prompt + reply); None = the pool's `context_window`, else unchecked.
     Longer prompts go to nodes that hold them, or get Anthropic's `prompt is too long` 400 (mlx_lm.server
     does not check and serves them badly)."""
 
-    def __post_init__(self) -> None:
-        if self.context_window is not None and self.context_window < 1:
-            raise ValueError("context_window must be at least 1 token")
-
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = 8420
-    max_body_bytes: int = 32 * 1024 * 1024
-    body_timeout_s: float = 30.0
+    port: Port = 8420
+    max_body_bytes: Count = 32 * 1024 * 1024
+    body_timeout_s: Seconds = 30.0
     """A request body not wholly received in this long gets 400 and its connection is closed (slow clients)."""
-    max_header_bytes: int = 64 * 1024
+    max_header_bytes: Count = 64 * 1024
     """Requests whose header names and values add up to more get 431 (uvicorn sets no limit of its own)."""
-    max_messages: int = 100_000
+    max_messages: Count = 100_000
     """More messages in one request get 400 (the Anthropic API's own limit)."""
-    max_tools: int = 10_000
+    max_tools: CountOrOff = 10_000
     """More tools in one request get 400."""
-    max_answer_bytes: int = 64 * 1024 * 1024
+    max_answer_bytes: Count = 64 * 1024 * 1024
     """The most a node may send as one non-streaming answer or one stream event; more fails the request."""
-    max_tokens_cap: int = 32768
+    max_tokens_cap: Count = 32768
     """Upper bound on max_tokens sent to a node (Claude Code asks for 32000–64000)."""
-    ping_interval_s: float = 10.0
+    ping_interval_s: Interval = 10.0
     """An `event: ping` goes to the client when it has heard nothing for this long."""
-    accept_wait_s: float = 1.0
+    accept_wait_s: SecondsOrOff = 1.0
     """How long to wait for the node's response headers before sending message_start anyway."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     """json: every log line is one JSON object (docs/operations.md#metrics-and-logs)."""
+    log_http: bool = False
+    """true: httpx's own line for every request sent to a node (probes included: four lines a round)."""
     log_session_ids: Literal["hash", "plain", "off"] = "hash"
     """Session ids in access lines: sha256 (first 12 hex digits), as sent, or left out."""
-    shutdown_grace_s: float = 30.0
+    shutdown_grace_s: SecondsOrOff = 30.0
     """On SIGTERM: how long in-flight streams may run before the replica exits anyway."""
     admin_token: str | None = None
     """Bearer token for the admin API (/admin/…); unset = loopback clients only."""
 
 
 class TimeoutConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    connect_s: float = 3.0
-    first_byte_s: float = 600.0
+    connect_s: Seconds = 3.0
+    first_byte_s: Seconds = 600.0
     """Silence allowed before the node's first token: a cold 30k-token prefill on a Mac takes minutes."""
-    between_chunks_s: float = 120.0
+    between_chunks_s: Seconds = 120.0
     """Silence allowed once tokens flow (node keepalive comments count as sound)."""
-    stream_deadline_s: float = 1800.0
+    stream_deadline_s: SecondsOrOff = 1800.0
     """Longest a request (streaming or not, all its attempts) may take from its arrival, however busy the
     node looks: a node dribbling bytes or keepalives forever fails as a node timeout. 0 = no deadline."""
-
-    def __post_init__(self) -> None:
-        if self.stream_deadline_s < 0:
-            raise ValueError("timeouts stream_deadline_s must not be negative (0 = no deadline)")
 
 
 class RoutingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     strategy: Strategy = Strategy.CACHE_AWARE
     weights: CostWeights = CostWeights()
-    session_ttl_s: float = 1800.0
-    lease_ttl_s: float = 60.0
-    prefix_ttl_s: float = 3600.0
-    block_size: int = 1024
-    max_blocks_per_node: int = 4096
-    max_request_blocks: int = 1024
+    session_ttl_s: Seconds = 1800.0
+    lease_ttl_s: Seconds = 60.0
+    prefix_ttl_s: Seconds = 3600.0
+    block_size: Count = 1024
+    max_blocks_per_node: Count = 4096
+    max_request_blocks: Count = 1024
     """Blocks of one prompt hashed, matched and recorded (1 MiB at the default block size)."""
     cache_feedback: bool = True
     """Correct the model of each node's cache from the `cached_tokens` every answer reports (docs/routing.md);
     off, the router believes where it sent prompts (for comparison: bench/real_routing.py)."""
-    session_active_s: float = 600.0
+    session_active_s: SecondsOrOff = 600.0
     """A bound session counts against its node's cache while its last turn is this recent."""
-    max_attempts: int = 3
+    max_attempts: Count = 3
     """Nodes tried for one request before giving up (only before any content reached the client)."""
     join_resends: bool = True
     """A streamed request identical to one in flight (same session, model, prompt) joins its answer instead of
     making a node compute it again (docs/architecture.md, "Resends join the answer in flight")."""
-    resend_grace_s: float = 1.5
+    resend_grace_s: SecondsOrOff = 1.5
     """When a client leaves, how long its answer goes on for a resend to join before the node's request is
     cancelled (Claude Code resends about half a second after giving up)."""
-    retry_after_s: int = 10
+    retry_after_s: CountOrOff = 10
     """Retry-After sent with 503 cluster_unavailable."""
     key_prefix: str = "mlxmux:"
 
 
 class HealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    interval_s: float = 5.0
+    interval_s: Interval = 5.0
     """Seconds between probe rounds (each node is probed by one replica per round)."""
-    timeout_s: float = 3.0
-    fail_threshold: int = 2
+    timeout_s: Seconds = 3.0
+    fail_threshold: Count = 2
     """Failed probes in a row that take a node out (breaker open)."""
-    pass_threshold: int = 1
+    pass_threshold: Count = 1
     """Passed probes in a row that make a degraded node healthy again."""
-    request_fail_threshold: int = 3
+    request_fail_threshold: Count = 3
     """Failed real requests in a row (5xx, timeouts, cut streams) that take a node out."""
-    open_s: float = 5.0
+    open_s: Seconds = 5.0
     """First wait before a node that is out is probed again; doubles per failed trial."""
-    max_backoff_s: float = 60.0
-    offline_after_s: float = 60.0
+    max_backoff_s: Seconds = 60.0
+    offline_after_s: SecondsOrOff = 60.0
     """A node out this long is reported `offline`."""
-    slow_first_token_s: float = 180.0
+    slow_first_token_s: SecondsOrOff = 180.0
     """A request whose first token took longer than this marks its node `degraded` (0 = never)."""
 
 
@@ -159,9 +169,9 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     keys: dict[str, str] = msgspec.field(default_factory=dict)
     """Key name (a teammate) -> API key, or `sha256:<64 hex>` of it. Empty: /v1/* is open to anyone."""
-    max_concurrent_per_key: int = 0
+    max_concurrent_per_key: CountOrOff = 0
     """Requests one key may have in flight on POST /v1/messages, across all replicas; 0 = unlimited."""
-    retry_after_s: int = 5
+    retry_after_s: CountOrOff = 5
     """Retry-After sent with 429 rate_limit_error."""
 
     def __post_init__(self) -> None:
@@ -172,8 +182,6 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 digest = key[len("sha256:") :]
                 if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
                     raise ValueError(f"auth key {name!r}: sha256: must be followed by 64 hex digits")
-        if self.max_concurrent_per_key < 0 or self.retry_after_s < 0:
-            raise ValueError("auth max_concurrent_per_key and retry_after_s must not be negative")
 
 
 def parse_api_keys(spec: str) -> dict[str, str]:
@@ -200,9 +208,9 @@ class DiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     mode: Literal["static", "dns", "kubernetes"] = "static"
     """static: only `nodes`; dns: every A/AAAA record of `dns_name`; kubernetes: a Service's EndpointSlices."""
-    interval_s: float = 10.0
+    interval_s: Interval = 10.0
     dns_name: str = ""
-    port: int = 8080
+    port: Port = 8080
     """Port of the nodes found by dns (and by kubernetes when a slice names no port)."""
     scheme: Literal["http", "https"] = "http"
     service: str = ""
@@ -217,12 +225,12 @@ class DiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool: str = "default"
     model: str | None = None
     protocol: Literal["openai", "anthropic"] = "openai"
-    max_concurrency: int = 4
-    cache_slots: int = 10
+    max_concurrency: Count = 4
+    cache_slots: Count = 10
     images: bool = False
     late_system: Literal["user", "system"] = "user"
     api_key: str | None = None
-    context_window: int | None = None
+    context_window: Count | None = None
 
     def __post_init__(self) -> None:
         # Raised as ValueError so msgspec reports it with its path, like any other bad value.
@@ -230,23 +238,13 @@ class DiscoveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError('discovery mode "dns" needs dns_name (MLXMUX_DISCOVERY_DNS_NAME)')
         if self.mode == "kubernetes" and not self.service:
             raise ValueError('discovery mode "kubernetes" needs service (MLXMUX_DISCOVERY_SERVICE)')
-        if self.interval_s <= 0:
-            raise ValueError("discovery interval_s must be positive")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"discovery port {self.port} is not a TCP port")
-        if self.max_concurrency < 1 or self.cache_slots < 1:
-            raise ValueError("discovery max_concurrency and cache_slots must be at least 1")
 
 
 class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Settings shared by the nodes of one pool (`[pools.NAME]`); a node's own value wins."""
 
-    context_window: int | None = None
+    context_window: Count | None = None
     """Tokens each node of the pool holds (see NodeConfig.context_window)."""
-
-    def __post_init__(self) -> None:
-        if self.context_window is not None and self.context_window < 1:
-            raise ValueError("context_window must be at least 1 token")
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -313,9 +311,9 @@ def normalize_node(node: NodeConfig) -> NodeConfig:
     url = node.url.rstrip("/")
     if url.endswith("/v1"):
         url = url[: -len("/v1")]
+    if port == 0:
+        raise ConfigError(f"node url {redact_url(node.url)!r}: port 0 is no port a node can listen on")
     node_id = node.id or f"{parts.hostname}:{port or (443 if parts.scheme == 'https' else 80)}"
-    if node.max_concurrency < 1 or node.cache_slots < 1:
-        raise ConfigError(f"node {node_id}: max_concurrency and cache_slots must be at least 1")
     return msgspec.structs.replace(node, url=url, id=node_id)
 
 
@@ -323,7 +321,56 @@ def _decode(data: Mapping[str, Any], source: str) -> Settings:
     try:
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(out_of_range(str(exc), data) or f"{source}: {exc}{_variable_hint(str(exc))}") from None
+
+
+def _variable_hint(message: str) -> str:
+    """` (MLXMUX_PORT)` when msgspec's message is about a setting an environment variable sets."""
+    match = re.search(r" - at `\$\.([^`]+)`$", message)
+    var = variable_for(match[1]) if match else None
+    return f" ({var})" if var else ""
+
+
+# msgspec's words for a value outside a Meta constraint: "Expected `int` <= 65535 - at `$.server.port`".
+_CONSTRAINT = re.compile(r"Expected `(?:int|float)` (?:>=|>|<=|<) \S+ - at `\$\.(?P<path>[^`]+)`")
+
+
+def out_of_range(message: str, data: Mapping[str, Any]) -> str | None:
+    """msgspec's message about a number outside its range, as one line naming the setting, its allowed range,
+    the value given and the variable that sets it: `server.port must be 1..65535, not 99999 (MLXMUX_PORT)`.
+    None for any other message."""
+    match = _CONSTRAINT.fullmatch(message)
+    if match is None:
+        return None
+    path = match["path"]
+    steps = [int(step) if step.isdigit() else step for step in re.findall(r"[^.\[\]]+", path)]
+    value: Any = data
+    kind: Any = msgspec.inspect.type_info(Settings)
+    for step in steps:
+        value = value[step] if isinstance(value, dict | list) else None
+        if isinstance(kind, msgspec.inspect.StructType):
+            kind = next((f.type for f in kind.fields if f.name == step), None)
+        elif isinstance(kind, msgspec.inspect.ListType):
+            kind = kind.item_type
+    if not isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        return None
+    name = re.sub(r"\[(\d+)\]", r"[\1]", path)
+    if name.startswith("nodes[") and isinstance(data.get("nodes"), list):
+        node = data["nodes"][int(steps[1])] if len(steps) > 1 else {}
+        name = f"node {node.get('id') or node.get('url')!r}: {steps[-1]}" if isinstance(node, dict) else name
+    var = variable_for(path)
+    where = f" ({var})" if var else ""
+    return f"{name} must be {_range(kind)}, not {value}{where}"
+
+
+def _range(kind: msgspec.inspect.IntType | msgspec.inspect.FloatType) -> str:
+    low = f"{kind.ge:g}" if kind.ge is not None else None
+    high = f"{kind.le:g}" if kind.le is not None else None
+    if low is not None and high is not None:
+        return f"{low}..{high}"
+    if kind.gt is not None:
+        return f"> {kind.gt:g}"
+    return f">= {low}" if low is not None else f"<= {high}"
 
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -336,55 +383,6 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {os.fspath(path)!r}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"config file {os.fspath(path)!r}: {exc.strerror}") from None
-
-
-# Environment variable → (section, key). MLXMUX_NODES, MLXMUX_API_KEYS and MLXMUX_CONFIG are handled apart.
-ENV_KEYS: dict[str, tuple[str | None, str]] = {
-    "MLXMUX_HOST": ("server", "host"),
-    "MLXMUX_PORT": ("server", "port"),
-    "MLXMUX_MAX_BODY_BYTES": ("server", "max_body_bytes"),
-    "MLXMUX_BODY_TIMEOUT_S": ("server", "body_timeout_s"),
-    "MLXMUX_MAX_HEADER_BYTES": ("server", "max_header_bytes"),
-    "MLXMUX_MAX_MESSAGES": ("server", "max_messages"),
-    "MLXMUX_MAX_TOOLS": ("server", "max_tools"),
-    "MLXMUX_MAX_ANSWER_BYTES": ("server", "max_answer_bytes"),
-    "MLXMUX_MAX_TOKENS_CAP": ("server", "max_tokens_cap"),
-    "MLXMUX_PING_INTERVAL_S": ("server", "ping_interval_s"),
-    "MLXMUX_LOG_LEVEL": ("server", "log_level"),
-    "MLXMUX_LOG_FORMAT": ("server", "log_format"),
-    "MLXMUX_LOG_SESSION_IDS": ("server", "log_session_ids"),
-    "MLXMUX_ADMIN_TOKEN": ("server", "admin_token"),
-    "MLXMUX_SHUTDOWN_GRACE_S": ("server", "shutdown_grace_s"),
-    "MLXMUX_STRATEGY": ("routing", "strategy"),
-    "MLXMUX_SESSION_TTL_S": ("routing", "session_ttl_s"),
-    "MLXMUX_LEASE_TTL_S": ("routing", "lease_ttl_s"),
-    "MLXMUX_MAX_ATTEMPTS": ("routing", "max_attempts"),
-    "MLXMUX_JOIN_RESENDS": ("routing", "join_resends"),
-    "MLXMUX_RESEND_GRACE_S": ("routing", "resend_grace_s"),
-    "MLXMUX_CACHE_FEEDBACK": ("routing", "cache_feedback"),
-    "MLXMUX_SESSION_ACTIVE_S": ("routing", "session_active_s"),
-    "MLXMUX_KEY_PREFIX": ("routing", "key_prefix"),
-    "MLXMUX_CONNECT_TIMEOUT_S": ("timeouts", "connect_s"),
-    "MLXMUX_FIRST_BYTE_TIMEOUT_S": ("timeouts", "first_byte_s"),
-    "MLXMUX_BETWEEN_CHUNKS_TIMEOUT_S": ("timeouts", "between_chunks_s"),
-    "MLXMUX_HEALTH_INTERVAL_S": ("health", "interval_s"),
-    "MLXMUX_HEALTH_TIMEOUT_S": ("health", "timeout_s"),
-    "MLXMUX_FAIL_THRESHOLD": ("health", "fail_threshold"),
-    "MLXMUX_REQUEST_FAIL_THRESHOLD": ("health", "request_fail_threshold"),
-    "MLXMUX_OPEN_S": ("health", "open_s"),
-    "MLXMUX_MAX_BACKOFF_S": ("health", "max_backoff_s"),
-    "MLXMUX_OFFLINE_AFTER_S": ("health", "offline_after_s"),
-    "MLXMUX_SLOW_FIRST_TOKEN_S": ("health", "slow_first_token_s"),
-    "MLXMUX_DISCOVERY": ("discovery", "mode"),
-    "MLXMUX_DISCOVERY_INTERVAL_S": ("discovery", "interval_s"),
-    "MLXMUX_DISCOVERY_DNS_NAME": ("discovery", "dns_name"),
-    "MLXMUX_DISCOVERY_PORT": ("discovery", "port"),
-    "MLXMUX_DISCOVERY_SERVICE": ("discovery", "service"),
-    "MLXMUX_DISCOVERY_NAMESPACE": ("discovery", "namespace"),
-    "MLXMUX_REDIS_URL": (None, "redis_url"),
-    "MLXMUX_MAX_CONCURRENT_PER_KEY": ("auth", "max_concurrent_per_key"),
-    "MLXMUX_STREAM_DEADLINE_S": ("timeouts", "stream_deadline_s"),
-}
 
 
 def _set(data: dict[str, Any], section: str | None, key: str, value: Any) -> None:
@@ -430,8 +428,4 @@ def load_settings(
         except ValueError as exc:
             shown = redact_url(settings.redis_url.partition("?")[0])  # the query may hold sentinel_password
             raise ConfigError(f"redis url {shown!r}: {exc}") from None
-    if settings.routing.max_attempts < 1:
-        raise ConfigError("routing.max_attempts must be at least 1")
-    if not 0 < settings.server.port <= 65535:
-        raise ConfigError(f"server.port must be 1..65535, not {settings.server.port}")
     return msgspec.structs.replace(settings, nodes=finished)

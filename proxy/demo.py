@@ -17,6 +17,7 @@ import uvicorn
 
 from proxy.app import build_app
 from proxy.config import ConfigError, load_settings
+from proxy.listen import CannotListen, check_can_listen
 from proxy.sim.cli import make_server
 from proxy.sim.config import SimConfig
 
@@ -26,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8420, help="gateway port (default 8420)")
     p.add_argument("--nodes", type=int, default=3, help="how many sim nodes (default 3)")
     p.add_argument("--node-port", type=int, default=8431, help="port of the first sim node (default 8431)")
-    p.add_argument("--prefill-tps", type=float, default=8000.0, help="sim prefill speed in tokens/s (default 8000)")
+    p.add_argument(
+        "--prefill-tps", type=float, default=8000.0, help="sim prefill speed in tokens/s, 0 = instant (default 8000)"
+    )
     p.add_argument("--redis", metavar="URL", help="share routing state through this Redis")
     return p
 
@@ -55,14 +58,7 @@ async def _run(args: argparse.Namespace) -> None:
     async def announce() -> None:
         while not (gateway.started and all(s.started for s in servers)):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        print(
-            f"mlxmux demo: gateway on {url}, {len(sims)} sim nodes on ports "
-            f"{sims[0].port}-{sims[-1].port} (state: {url}/cluster)\n\n"
-            "In another terminal, run Claude Code against it:\n\n"
-            f"  ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=mlxmux CLAUDE_CODE_ATTRIBUTION_HEADER=0 claude\n\n"
-            "Type `run: ls` to see a tool round trip. Ctrl-C stops the demo.",
-            flush=True,
-        )
+        print(announcement(url, [s.port for s in sims]), flush=True)
 
     async def run_gateway() -> None:
         # The gateway owns Ctrl-C; when it stops, the sim nodes stop with it.
@@ -75,13 +71,38 @@ async def _run(args: argparse.Namespace) -> None:
     await asyncio.gather(*(s.serve() for s in servers), run_gateway(), announce())
 
 
+def announcement(url: str, node_ports: Sequence[int]) -> str:
+    """What the demo prints once everything listens: where, and the line to paste for Claude Code."""
+    first, last, count = node_ports[0], node_ports[-1], len(node_ports)
+    nodes = f"1 sim node on port {first}" if count == 1 else f"{count} sim nodes on ports {first}-{last}"
+    return (
+        f"mlxmux demo: gateway on {url}, {nodes} (state: {url}/cluster)\n\n"
+        "In another terminal, run Claude Code against it:\n\n"
+        f"  ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=mlxmux CLAUDE_CODE_ATTRIBUTION_HEADER=0 claude\n\n"
+        "Type `run: ls` to see a tool round trip. Ctrl-C stops the demo."
+    )
+
+
+def check_ports(args: argparse.Namespace) -> None:
+    """Every port the demo needs is free (checked before anything starts: one line, not a traceback)."""
+    if args.nodes < 1:
+        raise CannotListen(f"--nodes must be at least 1, not {args.nodes}")
+    check_can_listen("127.0.0.1", args.port)
+    for i in range(args.nodes):
+        port = args.node_port + i
+        if port == args.port:
+            raise CannotListen(f"sim node {i + 1} would use port {port}, the gateway's: choose another --node-port")
+        check_can_listen("127.0.0.1", port, what=f"sim node {i + 1} (--node-port + {i})", flag="--node-port")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
+        check_ports(args)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_run(args))
-    except ConfigError as exc:
+    except (ConfigError, CannotListen) as exc:
         print(f"mlxmux: error: {exc}", file=sys.stderr)
         return 2
     return 0

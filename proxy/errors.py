@@ -13,6 +13,7 @@
     ├── UpstreamError                 500     api_error
     ├── ClusterUnavailable            503     cluster_unavailable     (no eligible node)
     ├── UpstreamTimeout               504     timeout_error
+    ├── LoopDetected                  508     loop_detected           (a request from a gateway: proxy.loop)
     └── Overloaded                    529     overloaded_error        (node unreachable or 5xx)
 
 Every subclass knows its status, its Anthropic `type`, whether a retry can help
@@ -104,6 +105,14 @@ class ClusterUnavailable(GatewayError):
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "timeout_error"
+
+
+class LoopDetected(GatewayError):
+    """A request an mlxmux gateway sent as to a node reached a gateway (`proxy.loop`): retrying cannot help."""
+
+    status = 508
+    type = "loop_detected"
+    retryable = False
 
 
 class Overloaded(GatewayError):

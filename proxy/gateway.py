@@ -36,6 +36,7 @@ from proxy.health import HealthMonitor
 from proxy.joins import JoinHub
 from proxy.membership import Membership
 from proxy.metrics import Metrics
+from proxy.pools import unavailable
 from proxy.progress import REPORT_INTERVAL_S, ProgressBook
 from proxy.translate import DEFAULT_BYTES_PER_TOKEN
 from state.errors import StateUnavailable
@@ -185,11 +186,9 @@ class Gateway:
         estimate); raises ClusterUnavailable when no node of the pool is routable."""
         candidates = self.cluster.candidates(pool, exclude, tokens)
         if not candidates:
-            held = "" if not tokens or self.cluster.candidates(pool, exclude) == () else f" that holds {tokens} tokens"
-            raise ClusterUnavailable(
-                f"no routable node in pool {pool!r}{held} (see GET /cluster)",
-                retry_after=self.settings.routing.retry_after_s,
-            )
+            if tokens and self.cluster.candidates(pool, exclude):
+                raise self.unavailable(pool, tokens)  # nodes are up, but none whose window holds the prompt
+            raise self.unavailable(pool)
         r = self.settings.routing
         request = RouteRequest(
             pool=pool,
@@ -224,6 +223,14 @@ class Gateway:
             self._local_leases.add(decision.lease)
         self.inflight.add(decision.lease)
         return decision
+
+    def unavailable(self, pool: str, tokens: int = 0) -> ClusterUnavailable:
+        """The 503 for a pool with no routable node (with `tokens`: none whose context window holds a prompt of
+        that many tokens), naming each node that could take it and what is wrong with it."""
+        settings = self.settings
+        return unavailable(
+            self.cluster, self.health.records, pool, settings.models, settings.routing.retry_after_s, tokens
+        )
 
     async def finish(self, lease: Lease, outcome: Outcome) -> None:
         self.inflight.discard(lease)

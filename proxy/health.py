@@ -36,8 +36,9 @@ from collections.abc import Callable
 import msgspec
 
 from proxy.cluster import Cluster
-from proxy.config import HealthConfig
-from proxy.upstream import NodeFailure
+from proxy.config import HealthConfig, redact_url
+from proxy.errors import LoopDetected
+from proxy.upstream import NodeFailure, node_error_message
 from state.errors import StateUnavailable
 from state.health import Breaker, HealthPolicy, NodeHealth, on_probe, on_request, probe_due, set_draining, start_trial
 from state.store import Store
@@ -105,7 +106,10 @@ class HealthMonitor:
         client = self.cluster.clients[node_id]
         node = self.cluster.nodes[node_id]
         try:
-            status, _ = await client.get("/health", timeout=self.config.timeout_s)
+            status, body = await client.get("/health", timeout=self.config.timeout_s)
+            if status == LoopDetected.status:  # the URL leads to a gateway, maybe this one (proxy.loop)
+                words = node_error_message(status, body)
+                return f"node {node_id}: {redact_url(node.url)} is an mlxmux gateway: {words}"
             # Nodes without /health (vLLM answers 200, LM Studio 404) are judged by /v1/models alone.
             if status >= 500:
                 return f"/health answered {status}"

@@ -16,18 +16,34 @@ from typing import Literal
 
 import msgspec
 
-from proxy.config import redact_credentials
+from proxy.config import ServerConfig, redact_credentials
 
 access_log = logging.getLogger("mlxmux.access")
 
 SessionIds = Literal["hash", "plain", "off"]
 
+_encode = msgspec.json.Encoder(enc_hook=str).encode
+MAX_ERROR_CHARS = 500
+"""Characters of an error message in an access line (a node's error page can be long)."""
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
 
 class Fields(dict[str, object]):
-    """A log message made of fields: `key=value …` as text, merged into the object as JSON."""
+    """A log message made of fields: `key=value …` as text, merged into the object as JSON. A text value with
+    spaces or quotes in it (an error message) is written as a JSON string, so the line still splits into fields."""
 
     def __str__(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.items() if v is not None)
+        return " ".join(f"{k}={_text_value(v)}" for k, v in self.items() if v is not None)
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    if isinstance(value, str) and (not text or any(c.isspace() or c in "\"'=" for c in text)):
+        return _encode(text).decode()
+    return text
 
 
 @dataclass(slots=True)
@@ -46,6 +62,10 @@ class RequestRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
+    error: str = ""
+    """Why the request failed (the message the client got), for the operator reading the line."""
+    client: str | None = None
+    """The client's address; set on refused logins (401) only, to see where wrong keys come from."""
 
 
 def session_label(session: str | None, mode: SessionIds) -> str | None:
@@ -77,13 +97,12 @@ def log_access(record: RequestRecord, status: int | str, session_ids: SessionIds
         prompt_tokens=prompt,
         cached_tokens=record.cached_tokens,
         cached_share=round(record.cached_tokens / prompt, 3) if prompt else None,
+        client=record.client,
+        error=_short(record.error) if record.error else None,
     )
     if session_ids == "off":
         del line["session"]
     access_log.info(line)
-
-
-_encode = msgspec.json.Encoder(enc_hook=str).encode
 
 
 class RedactingFormatter(logging.Formatter):
@@ -115,3 +134,19 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return _encode(out).decode()
+
+
+HTTP_CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+def configure_logging(server: ServerConfig) -> None:
+    """The process's logging for `mlxmux serve`: one handler, text or JSON, URL credentials redacted, at the
+    configured level. httpx logs every request it sends at INFO (four lines a probe round, with node URLs):
+    those stay off unless `server.log_http` asks for them; the gateway's own access lines, node state
+    changes and (at debug) routing decisions say what matters."""
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler.setFormatter(RedactingFormatter(JsonFormatter() if server.log_format == "json" else text))
+    logging.basicConfig(level=server.log_level.upper(), handlers=[handler])
+    for name in HTTP_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if server.log_http else logging.WARNING)

@@ -174,7 +174,7 @@ async def messages(request: Request) -> Response | RelayResponse | JoinedRespons
         status = "client_cancel"
         raise
     except GatewayError as exc:
-        status = exc.status
+        status, record.error = exc.status, exc.message
         raise
     except Exception:
         status = 500

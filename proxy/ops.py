@@ -10,13 +10,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 import msgspec
 
 from proxy.config import redact_url
+from proxy.pools import without_node_id
 from state.health import cluster_status
 
 DEFAULT_URL = "http://127.0.0.1:8420"
@@ -26,38 +27,70 @@ class OpsError(Exception):
     pass
 
 
+def _at_least(low: float, kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a number >= `low` (> 0 for floats when low is 0), else a usage error naming it."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low or (kind is float and low == 0 and value <= 0):
+            raise argparse.ArgumentTypeError(f"must be {'> 0' if kind is float and low == 0 else f'>= {low}'}")
+        return value
+
+    return parse
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None, help=f"a gateway (MLXMUX_URL, default {DEFAULT_URL})")
     common.add_argument("--token", default=None, help="admin token (MLXMUX_ADMIN_TOKEN)")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--redis", metavar="URL", help="read the shared state from Redis instead of a gateway")
+    shared.add_argument("--key-prefix", default="mlxmux:", help="with --redis: the key prefix (default mlxmux:)")
 
-    p = sub.add_parser("status", parents=[common], help="the cluster as a gateway (or Redis) sees it")
-    p.add_argument("--redis", metavar="URL", help="read the shared state from Redis instead of a gateway")
-    p.add_argument("--key-prefix", default="mlxmux:", help="with --redis: the key prefix (default mlxmux:)")
+    p = sub.add_parser("status", parents=[common, shared], help="the cluster as a gateway (or Redis) sees it")
     p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
-    p.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS", help="refresh (default every 2 s)")
+    p.add_argument(
+        "--watch", nargs="?", const=2.0, type=_at_least(0, float), metavar="SECONDS", help="refresh (default every 2 s)"
+    )
 
-    s = sub.add_parser("sessions", parents=[common], help="which session is bound to which node")
-    s.add_argument("--limit", type=int, default=1000)
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("sessions", parents=[common, shared], help="which session is bound to which node")
+    s.add_argument(
+        "--limit", type=_at_least(1, int), default=1000, help="show at most this many sessions (default 1000)"
+    )
+    s.add_argument("--json", action="store_true", help="print the bindings as JSON")
 
     n = sub.add_parser("nodes", parents=[common], help="list, add, remove, drain and undrain nodes on every replica")
     actions = n.add_subparsers(dest="action", metavar="ACTION")
     actions.add_parser("list", parents=[common], help="the nodes (default)")
     add = actions.add_parser("add", parents=[common], help="add a node: mlxmux nodes add [ID=]URL")
-    add.add_argument("spec", metavar="[ID=]URL")
-    add.add_argument("--model", help="model id the node serves")
+    add.add_argument("spec", metavar="[ID=]URL", help="the node's URL, e.g. mac3=http://mac3.local:8080")
+    add.add_argument("--model", help="model id the node serves (default: none sent, the node uses its own)")
     add.add_argument("--pool", help="pool (default: default)")
-    add.add_argument("--protocol", choices=["openai", "anthropic"])
-    add.add_argument("--max-concurrency", type=int)
-    add.add_argument("--cache-slots", type=int)
+    add.add_argument(
+        "--protocol",
+        choices=["openai", "anthropic"],
+        help="openai: chat completions, translated (mlx_lm.server; default); anthropic: native /v1/messages",
+    )
+    add.add_argument(
+        "--max-concurrency",
+        type=_at_least(1, int),
+        help="in-flight requests at which the node counts as fully loaded (default 4)",
+    )
+    add.add_argument(
+        "--cache-slots",
+        type=_at_least(1, int),
+        help="entries its prompt cache holds: mlx_lm.server --prompt-cache-size (default 10)",
+    )
     for name, text in (
         ("remove", "remove a node (its sessions move)"),
         ("drain", "stop sending new work to a node"),
         ("undrain", "end a drain"),
     ):
         a = actions.add_parser(name, parents=[common], help=text)
-        a.add_argument("node_id", metavar="ID")
+        a.add_argument("node_id", metavar="ID", help="the node's id, as `mlxmux nodes list` shows it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +151,8 @@ def render_status(view: dict[str, Any], url: str) -> str:
     store = view.get("store", "?")
     reachable = "" if view.get("store_reachable", True) else " (unreachable: routing locally)"
     lines = [
-        f"cluster {view.get('status', '?')} · {len(view.get('nodes', []))} nodes · strategy {view.get('strategy')}"
-        f" · store {store}{reachable} · via {url}",
+        f"cluster {view.get('status', '?')} · {plural(len(view.get('nodes', [])), 'node')}"
+        f" · strategy {view.get('strategy', '?')} · store {store}{reachable} · via {url}",
         "",
     ]
     header: tuple[str, ...] = ("NODE", "STATE", "IN-FLIGHT", "TTFT p50", "CACHED", "PREDICTED", "MISSES", "ENTRIES")
@@ -147,11 +180,22 @@ def render_status(view: dict[str, Any], url: str) -> str:
             )
         )
     lines += _table(rows)
-    errors = [f"  {n['id']}: {n['last_error']}" for n in view.get("nodes", []) if n.get("last_error")]
+    nodes = view.get("nodes", [])
+    errors = [f"  {n['id']}: {without_node_id(n['id'], n['last_error'])}" for n in nodes if n.get("last_error")]
     if errors:
         lines += ["", "last errors:", *errors]
+    problems = view.get("problems") or []
+    if problems:
+        lines += ["", "problems:", *(f"  {p}" for p in problems)]
     lines += _inflight_lines(view.get("nodes", []))
     return "\n".join(lines)
+
+
+def plural(count: int, word: str) -> str:
+    """`1 node`, `2 nodes`, `no nodes`."""
+    if count == 0:
+        return f"no {word}s"
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def _inflight_lines(nodes: Sequence[dict[str, Any]]) -> list[str]:
@@ -211,7 +255,7 @@ def _nodes(args: argparse.Namespace) -> int:
     action = args.action or "list"
     with client:
         if action == "list":
-            print(render_status({"nodes": _call(client, url, "GET", "/admin/nodes"), "status": "-"}, url))
+            print(render_status(_call(client, url, "GET", "/cluster"), url))
             return 0
         if action == "add":
             node_id, sep, node_url = args.spec.partition("=")
@@ -239,20 +283,52 @@ def _nodes(args: argparse.Namespace) -> int:
 
 
 def _sessions(args: argparse.Namespace) -> int:
-    client, url = _client(args)
-    with client:
-        bindings = _call(client, url, "GET", f"/admin/sessions?limit={args.limit}")
+    if args.redis:
+        bindings = redis_sessions(args.redis, args.key_prefix, args.limit)
+    else:
+        client, url = _client(args)
+        with client:
+            bindings = _call(client, url, "GET", f"/admin/sessions?limit={args.limit}")
     if args.json:
         print(json.dumps(bindings, indent=2))
         return 0
+    print(render_sessions(bindings))
+    return 0
+
+
+def render_sessions(bindings: Sequence[dict[str, Any]]) -> str:
+    """The sessions table and the count per node, pure."""
+    if not bindings:
+        return "no sessions bound"
     rows = [("SESSION", "POOL", "NODE", "EXPIRES IN")]
     rows += [(b["session"], b["pool"], b["node_id"], f"{b['ttl_ms'] / 1000:.0f} s") for b in bindings]
-    print("\n".join(_table(rows)))
     per_node: dict[str, int] = {}
     for b in bindings:
         per_node[b["node_id"]] = per_node.get(b["node_id"], 0) + 1
-    print(f"\n{len(bindings)} sessions: " + ", ".join(f"{n} {c}" for n, c in sorted(per_node.items())))
-    return 0
+    counts = ", ".join(f"{n} {c}" for n, c in sorted(per_node.items()))
+    return "\n".join(_table(rows)) + f"\n\n{plural(len(bindings), 'session')} bound: {counts}"
+
+
+def redis_sessions(url: str, prefix: str, limit: int) -> list[dict[str, Any]]:
+    """Live session bindings as the shared state in Redis records them (what GET /admin/sessions answers)."""
+    import asyncio
+
+    from state import open_store
+    from state.errors import StateUnavailable
+
+    async def read() -> list[dict[str, Any]]:
+        store = open_store(url, prefix=prefix)
+        try:
+            return [msgspec.to_builtins(b) for b in await store.sessions(limit)]
+        except StateUnavailable as exc:
+            raise OpsError(f"cannot read Redis at {url}: {exc}") from None
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(read())
+    except ValueError as exc:  # a malformed URL
+        raise OpsError(f"bad Redis URL {url!r}: {exc}") from None
 
 
 def redis_view(url: str, prefix: str) -> dict[str, Any]:

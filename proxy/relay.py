@@ -105,6 +105,12 @@ class Attempt:
         record = self.prep.record
         record.node, record.reason = self.decision.node_id, self.decision.reason
         record.attempts += 1
+        d = self.decision
+        log.debug(
+            "request %s: pool %s -> node %s, reason %s, attempt %d, prefix %d/%d blocks, expected cached %d",
+            self.prep.request_id, self.prep.pool, d.node_id, d.reason, record.attempts, d.matched_blocks,
+            d.total_blocks, d.predicted_blocks,
+        )  # fmt: skip
         mode = self.gw.settings.server.log_session_ids
         label = session_label(self.prep.session, "off" if mode == "off" else "hash") or ""
         self.progress = self.gw.progress.track(self.decision.lease, label)
@@ -180,10 +186,12 @@ async def with_failover(
     request is at fault — neither node is blamed, nothing more is tried, and the client gets a 400 with
     the node's words. If it is served, fails otherwise or no node is left, the held failure counts.
 
-    Raises ClusterUnavailable when no node was routable at all, else the client-facing error of the last
+    Raises ClusterUnavailable when no node was routable at all, or when every node of the pool failed to
+    connect (docs/health.md: 503 with Retry-After, not 529), else the client-facing error of the last
     failure. An attempt the client abandons (cancellation) frees its lease and blames no node.
     """
     tried: list[str] = []
+    kinds: set[str] = set()
     last: NodeFailure | None = None
     held: tuple[str, NodeFailure] | None = None
     try:
@@ -204,6 +212,7 @@ async def with_failover(
                 await attempt.fail(failure, blame=False)
                 tried.append(node_id)
                 last = failure
+                kinds.add(failure.kind)
                 signature = failure_signature(node_id, failure)
                 if held is not None and signature is not None and signature == failure_signature(*held):
                     first, held = held[0], None
@@ -224,6 +233,8 @@ async def with_failover(
         if held is not None:
             await _blame(gw, *held)
     assert last is not None
+    if kinds == {"connect"} and not gw.cluster.candidates(prep.pool, tried):
+        raise gw.unavailable(prep.pool)
     raise failure_error(last)
 
 
@@ -451,6 +462,7 @@ class RelayResponse:
     async def _error(self, error: GatewayError) -> None:
         """End the exchange with an error: a real HTTP status if nothing was sent yet, else an event."""
         self.status = "stream_error" if self.headers_sent else error.status
+        self.prep.record.error = error.message
         if not self.headers_sent:
             self.headers_sent = True
             if self.generation is not None:

@@ -26,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import re
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
 
-from proxy.config import NodeConfig, TimeoutConfig, redact_credentials
+from proxy.config import NodeConfig, TimeoutConfig, redact_credentials, redact_url
+from proxy.loop import GATEWAY_ID, HOP_HEADER
 
 NODE_KINDS = frozenset({"connect", "timeout", "http_5xx", "stream_cut", "protocol"})
 """Failure kinds the node caused: only these count against its health."""
@@ -44,6 +47,8 @@ REQUEST_KINDS = frozenset({"http_4xx", "request_header"})
 _SENDABLE_HEADER = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 # OS errors while connecting that mean the gateway's machine ran out of something, not that the node is away.
 _LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+# OS errors while connecting that say the node's host cannot be reached over the network.
+_UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
 
 
 class NodeFailure(Exception):
@@ -83,16 +88,37 @@ def unsendable_header(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def _local_os_error(exc: BaseException) -> OSError | None:
-    """An OSError in the exception's chain that the gateway's own machine raised (no free socket or fd)."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and its causes (httpx wraps httpcore's error, which wraps the OS error)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in _LOCAL_ERRNOS:
-            return current
+        yield current
         current = current.__cause__ or current.__context__
-    return None
+
+
+def _local_os_error(exc: BaseException) -> OSError | None:
+    """An OSError in the exception's chain that the gateway's own machine raised (no free socket or fd)."""
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _LOCAL_ERRNOS), None)
+
+
+def connect_error_message(node_id: str, url: str, exc: BaseException, connect_s: float) -> str:
+    """Why a connection to a node failed, in words that say where to look: a name that does not resolve
+    (DNS), a port nobody listens on (refused), a host that does not answer (timeout) or cannot be reached.
+    The URL is shown with any user:password replaced by `***`."""
+    shown = redact_url(url)
+    for cause in _chain(exc):
+        if isinstance(cause, socket.gaierror):
+            host = urlsplit(url).hostname
+            return f"node {node_id}: cannot resolve host {host!r} (DNS: {cause.strerror}) in {shown}"
+        if isinstance(cause, ConnectionRefusedError):
+            return f"node {node_id}: connection refused at {shown} (no server listening on that port)"
+        if isinstance(cause, OSError) and cause.errno in _UNREACHABLE_ERRNOS:
+            return f"node {node_id}: {cause.strerror or 'host unreachable'} for {shown}"
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"node {node_id}: no connection within {connect_s:g}s to {shown} (host down, asleep or firewalled)"
+    return f"node {node_id}: cannot connect to {shown}: {exc}"
 
 
 def node_error_message(status: int, body: bytes) -> str:
@@ -164,7 +190,8 @@ class NodeClient:
     ) -> None:
         self.node = node
         self.timeouts = timeouts
-        headers = {"user-agent": "mlxmux"}
+        # The hop header lets a gateway that receives this request see that it came from a gateway (proxy.loop).
+        headers = {"user-agent": "mlxmux", HOP_HEADER: GATEWAY_ID}
         if node.api_key:
             headers["authorization"] = f"Bearer {node.api_key}"
         # Reads are bounded by the caller (first-byte vs between-chunk silence), not by httpx.
@@ -199,7 +226,7 @@ class NodeClient:
         if local is not None:
             return NodeFailure("gateway", f"the gateway could not open a connection to node {nid}: {local}")
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-            return NodeFailure("connect", f"node {nid} is unreachable: {type(exc).__name__}")
+            return NodeFailure("connect", connect_error_message(nid, self.node.url, exc, self.timeouts.connect_s))
         if isinstance(exc, httpx.TimeoutException):
             return NodeFailure("timeout", f"node {nid} timed out")
         if isinstance(exc, httpx.LocalProtocolError | httpx.UnsupportedProtocol | httpx.InvalidURL | httpx.ProxyError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from typing import Annotated
 
 import msgspec
 
@@ -53,13 +54,13 @@ class Candidate(msgspec.Struct, frozen=True):
 class CostWeights(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Knobs of the cache-aware cost function (docs/routing.md explains each)."""
 
-    load: float = 1.0
+    load: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     """Cost of a node running at max_concurrency, in units of this request's whole prompt."""
-    crowding: float = 1.0
+    crowding: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     """Cost per session beyond the node's cache_slots, in units of this request's whole prompt."""
-    overload_factor: float = 2.0
+    overload_factor: Annotated[float, msgspec.Meta(gt=0)] = 2.0
     """A bound session moves when its node has in-flight >= max_concurrency * overload_factor."""
-    spread: float = 32.0
+    spread: Annotated[float, msgspec.Meta(ge=0)] = 32.0
     """Cost per session already bound to the node, in prompt blocks: the prefill a new session will pay
     to start on a less busy node instead (32 blocks of 1 KiB is about 8k tokens)."""
 

@@ -258,9 +258,13 @@ class SimApp:
             await self._error(send, kind, faults.fail_status, f"sim fault: injected HTTP {faults.fail_status}")
             return
         if faults.hang:
-            await self.node.faults.changed()
-            while self.node.faults.current.hang:
-                await self.node.faults.changed()
+            self.node.hanging += 1
+            try:
+                await self.node.faults.changed_since(faults.generation)
+                while self.node.faults.current.hang:
+                    await self.node.faults.changed_since(self.node.faults.generation)
+            finally:
+                self.node.hanging -= 1
         try:
             body = msgspec.json.decode(raw)
         except msgspec.DecodeError:

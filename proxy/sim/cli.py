@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import uvicorn
 
+from proxy.listen import CannotListen, check_can_listen
 from proxy.sim.app import build_sim_app
 from proxy.sim.config import DEFAULT_MODEL, SimConfig
 from proxy.sim.faults import Faults
@@ -182,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+        check_can_listen(config.host, config.port, what="the sim node")
+    except (ValueError, CannotListen) as exc:
+        print(f"mlxmux sim-node: error: {exc}", file=sys.stderr)
+        return 2
     print(
         f"sim node {config.name} serving {config.model} on http://{config.host}:{config.port}",
         file=sys.stderr,

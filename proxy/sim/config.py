@@ -50,6 +50,8 @@ class SimConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     faults: Faults = msgspec.field(default_factory=Faults)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1..65535, not {self.port}")
         if self.close_delay_ms < 0:
             raise ValueError("close_delay_ms must be >= 0")
         if self.prompt_cache_size < 0:

@@ -106,6 +106,7 @@ class StatsView(msgspec.Struct, frozen=True):
     generations: int
     busy_s: float
     active: int
+    hanging: int
     generating: int
     queued: int
     prompt_tokens: int
@@ -129,6 +130,7 @@ class SimNode:
         self.faults = FaultState(config.faults)
         self.stats = Stats()
         self.active = 0  # inference requests in flight, whatever they are doing
+        self.hanging = 0  # held by the hang fault
         self.generating = 0  # holding a slot
         self.queued = 0  # waiting for a slot
         self._slots = asyncio.Semaphore(config.parallel)
@@ -152,6 +154,7 @@ class SimNode:
             generations=s.generations,
             busy_s=round(s.busy_s, 3),
             active=self.active,
+            hanging=self.hanging,
             generating=self.generating,
             queued=self.queued,
             prompt_tokens=s.prompt_tokens,

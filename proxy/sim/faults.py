@@ -73,6 +73,8 @@ class RequestFaults(msgspec.Struct, frozen=True):
     close: bool = False
     slow_first_byte_s: float = 0.0
     garbage: bool = False
+    generation: int = 0
+    """`FaultState.generation` when the request arrived: a hung request waits for faults newer than these."""
 
 
 NO_FAULTS = RequestFaults()
@@ -83,19 +85,25 @@ class FaultState:
 
     def __init__(self, faults: Faults | None = None) -> None:
         self.current = faults or Faults()
+        self.generation = 0
+        """Bumped by every `set`."""
         self._changed = asyncio.Event()
         self._seen = 0
 
     def set(self, faults: Faults) -> None:
         """Replace all faults and wake every request waiting on the old ones."""
         self.current = faults
+        self.generation += 1
         self._seen = 0
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def changed(self) -> None:
-        """Wait until the faults are replaced."""
-        await self._changed.wait()
+    async def changed_since(self, generation: int) -> None:
+        """Wait until the faults have been replaced since `generation`; at once if they already were. (A
+        request that took a hang fault may start waiting only after the faults were cleared: it must not
+        then wait for yet another change.)"""
+        while self.generation == generation:
+            await self._changed.wait()
 
     def take(self) -> RequestFaults:
         """The faults for a request arriving now (counts it against `times` and `fail_rate`)."""
@@ -110,6 +118,7 @@ class FaultState:
             else:
                 self.current = msgspec.structs.replace(f, times=f.times - 1)
         return RequestFaults(
+            generation=self.generation,
             fail_status=f.fail_status if failing else 0,
             hang=f.hang,
             cut_after=f.cut_after,

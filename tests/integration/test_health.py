@@ -218,8 +218,18 @@ def test_operator_views_sessions_and_status_from_redis(
     for s in sessions:
         line = next(line for line in out.splitlines() if line.startswith(s))
         assert cluster.node_of(s) in line.split()
-    assert "3 sessions:" in out
+    assert "\n3 sessions bound: " in out
     prefix = f"health-{request.node.name[:40]}:"
+    # The same bindings read from Redis, without a gateway (like `status --redis`).
+    from_redis = mlxmux_cli("sessions", "--redis", redis_url, "--key-prefix", prefix)
+    assert sorted(r.split()[:3] for r in from_redis.splitlines()[1:4]) == sorted(
+        r.split()[:3] for r in out.splitlines()[1:4]
+    )
+    assert from_redis.splitlines()[-1] == out.splitlines()[-1]
+    listed = mlxmux_cli("nodes", "list", "--url", cluster.replicas[0].url)
+    assert listed.splitlines()[0] == (
+        f"cluster healthy · 3 nodes · strategy cache-aware · store shared · via {cluster.replicas[0].url}"
+    )
     table = mlxmux_cli("status", "--redis", redis_url, "--key-prefix", prefix)
     assert table.startswith("cluster healthy")
     assert all(any(row.split()[:2] == [n, "healthy"] for row in table.splitlines()) for n in cluster.nodes)

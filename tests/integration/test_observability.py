@@ -94,12 +94,15 @@ def test_debug_logs_show_the_gateways_decisions_not_every_http_request() -> None
     env = {"MLXMUX_LOG_LEVEL": "debug", "MLXMUX_HEALTH_INTERVAL_S": "0.2"}
     with sim_node() as node, gateway(node.url, env=env) as gw:
         with httpx.Client(timeout=10) as client:
-            client.post(
+            r = client.post(
                 gw.url + "/v1/messages",
                 json={"model": "claude-opus-4-8", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
             )
         time.sleep(1.0)  # several probe rounds
         out = gw.output()
     assert "mlxmux.access" in out  # the gateway's own lines are there
+    # ... and its routing decision for the request, at debug level
+    decision = f"DEBUG mlxmux.relay request {r.headers['request-id']}: pool default -> node 127.0.0.1:"
+    assert decision in out, out[-2000:]
     assert "HTTP Request:" not in out, out[-2000:]
     assert not [line for line in out.splitlines() if " httpx " in line or " httpcore" in line]

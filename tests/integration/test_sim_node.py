@@ -518,15 +518,18 @@ def test_hang_ends_when_the_client_leaves_or_faults_clear(alpha: Node) -> None:
     alpha.faults(hang=True)
     with pytest.raises(httpx.ReadTimeout):
         alpha.chat({"messages": [user("hi")]}, timeout=0.3)
-    wait_for(lambda: alpha.stats()["active"] == 0)
+    wait_for(lambda: alpha.stats()["active"] == 0, timeout=10)  # the client left: the hang ends
     result: list[int] = []
     body = {"messages": [user("hi")], "max_tokens": 2}
-    t = threading.Thread(target=lambda: result.append(alpha.chat(body).status_code))
+    t = threading.Thread(target=lambda: result.append(alpha.chat(body, timeout=30).status_code))
     t.start()
-    wait_for(lambda: alpha.stats()["active"] == 1)
+    # Clear the faults only once the request is held by the hang (not merely arrived), so the test sees a
+    # hang end; the sim also releases a request whose hang fault was cleared before it began to wait.
+    wait_for(lambda: alpha.stats()["hanging"] == 1, timeout=10)
     alpha.faults()
-    t.join(5)
+    t.join(30)
     assert result == [200]
+    assert alpha.stats()["hanging"] == 0
 
 
 def test_parallel_slots_queue_extra_requests(alpha: Node) -> None:

@@ -380,3 +380,38 @@ def test_an_answer_over_the_size_cap_is_never_the_requests_fault() -> None:
     assert failure_signature("a", over) is None
     broken = NodeFailure("protocol", "node a sent an invalid stream chunk")
     assert failure_signature("a", broken) is not None
+
+
+def refused() -> httpx.ConnectError:
+    exc = httpx.ConnectError("All connection attempts failed")
+    exc.__cause__ = ConnectionRefusedError(111, "Connect call failed")
+    return exc
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_node_failing_to_connect_is_503_with_retry_after(client: TestClient, nodes: Nodes, stream: bool) -> None:
+    """docs/health.md: no node of the pool can take the request → 503 cluster_unavailable, Retry-After (not 529)."""
+    for n in nodes.ids:
+        nodes.answer[n] = raising(refused())
+    r = client.post("/v1/messages", json={**VALID, "stream": stream})
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "10" and r.headers["x-should-retry"] == "true"
+    error = error_of(r)
+    assert error["type"] == "cluster_unavailable"
+    for n in nodes.ids:  # every node named with why
+        assert f"{n}: unhealthy: connection refused at http://{n}:8080" in error["message"], error["message"]
+    assert sum(nodes.calls.values()) == 3
+
+
+def test_a_node_left_untried_keeps_the_529(nodes: Nodes) -> None:
+    """Only when no node of the pool is left is it the cluster's state; with max_attempts 2 of 3 nodes it is not."""
+    settings = load_settings(
+        env={"MLXMUX_HEALTH_INTERVAL_S": "60", "MLXMUX_MAX_ATTEMPTS": "2"},
+        nodes=[f"{n}=http://{n}:8080" for n in nodes.ids],
+    )
+    for n in nodes.ids:
+        nodes.answer[n] = raising(refused())
+    with TestClient(build_app(settings, store=MemoryStore(), transport=httpx.MockTransport(nodes))) as client:
+        r = client.post("/v1/messages", json=VALID)
+    assert r.status_code == 529 and error_of(r)["type"] == "overloaded_error"
+    assert sum(nodes.calls.values()) == 2

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
-from proxy.config import ConfigError, load_settings, parse_node, redact_credentials, redact_url
+from proxy.config import ConfigError, Settings, load_settings, parse_node, redact_credentials, redact_url
 from tests.procs import ROOT
 
 
@@ -118,14 +121,114 @@ def test_credentials_in_any_text_are_redacted(text: str, shown: str) -> None:
 def test_stream_deadline_from_env_and_checked() -> None:
     assert load_settings(env={}).timeouts.stream_deadline_s == 1800
     assert load_settings(env={"MLXMUX_STREAM_DEADLINE_S": "2.5"}).timeouts.stream_deadline_s == 2.5
-    with pytest.raises(ConfigError, match="stream_deadline_s must not be negative"):
+    assert load_settings(env={"MLXMUX_STREAM_DEADLINE_S": "0"}).timeouts.stream_deadline_s == 0  # 0 = no deadline
+    with pytest.raises(ConfigError, match=r"timeouts\.stream_deadline_s must be >= 0, not -1"):
         load_settings(env={"MLXMUX_STREAM_DEADLINE_S": "-1"})
 
 
-@pytest.mark.parametrize("port", ["0", "99999", "-1"])
-def test_a_port_out_of_range_stops_the_gateway(port: str) -> None:
-    with pytest.raises(ConfigError, match=r"server\.port must be 1\.\.65535"):
-        load_settings(env={"MLXMUX_PORT": port})
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"MLXMUX_PORT": "99999"}, "server.port must be 1..65535, not 99999 (MLXMUX_PORT)"),
+        ({"MLXMUX_PORT": "0"}, "server.port must be 1..65535, not 0 (MLXMUX_PORT)"),
+        ({"MLXMUX_PORT": "-1"}, "server.port must be 1..65535, not -1 (MLXMUX_PORT)"),
+        ({"MLXMUX_HEALTH_INTERVAL_S": "0"}, "health.interval_s must be >= 0.1, not 0 (MLXMUX_HEALTH_INTERVAL_S)"),
+        ({"MLXMUX_SESSION_TTL_S": "-5"}, "routing.session_ttl_s must be > 0, not -5 (MLXMUX_SESSION_TTL_S)"),
+        ({"MLXMUX_CONNECT_TIMEOUT_S": "-1"}, "timeouts.connect_s must be > 0, not -1 (MLXMUX_CONNECT_TIMEOUT_S)"),
+        ({"MLXMUX_MAX_ATTEMPTS": "0"}, "routing.max_attempts must be >= 1, not 0 (MLXMUX_MAX_ATTEMPTS)"),
+        ({"MLXMUX_DISCOVERY_PORT": "70000"}, "discovery.port must be 1..65535, not 70000 (MLXMUX_DISCOVERY_PORT)"),
+        ({"MLXMUX_PORT": "abc"}, "configuration: Expected `int`, got `str` - at `$.server.port` (MLXMUX_PORT)"),
+    ],
+)
+def test_a_setting_out_of_range_is_one_line_naming_it(env: dict[str, str], line: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert str(info.value) == line
+
+
+def _numeric_fields(kind: Any, path: str) -> list[tuple[str, Any]]:
+    """(config path, msgspec type info) of every number in the configuration, nodes included."""
+    found = []
+    for f in kind.fields:
+        inner = f.type
+        if isinstance(inner, msgspec.inspect.ListType):
+            inner = inner.item_type
+            name = f"{path}{f.name}[0]"
+        else:
+            name = f"{path}{f.name}"
+        if isinstance(inner, msgspec.inspect.StructType):
+            found += _numeric_fields(inner, name + ".")
+        elif isinstance(inner, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+            found.append((name, inner))
+    return found
+
+
+NUMERIC = _numeric_fields(msgspec.inspect.type_info(Settings), "")
+
+
+def test_every_numeric_setting_has_a_range() -> None:
+    """A new number in the configuration without a range fails here: give it one (proxy/config.py)."""
+    assert len(NUMERIC) > 40
+    unbounded = [name for name, kind in NUMERIC if kind.ge is None and kind.gt is None]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(("path", "kind"), NUMERIC, ids=[name for name, _ in NUMERIC])
+def test_every_numeric_setting_refuses_a_value_below_its_range(tmp_path: Path, path: str, kind: Any) -> None:
+    bad = (kind.ge - 1 if kind.ge is not None else kind.gt) if isinstance(kind, msgspec.inspect.IntType) else -1.5
+    if isinstance(kind, msgspec.inspect.FloatType) and kind.ge is not None and kind.ge > 0:
+        bad = 0
+    *sections, key = path.split(".")
+    lines = []
+    if sections and sections[0] == "nodes[0]":
+        lines += ["[[nodes]]", 'url = "http://mac1:8080"', 'id = "mac1"']
+        name = f"node 'mac1': {key}"
+    else:
+        if sections:
+            lines.append(f"[{'.'.join(sections)}]")
+        if sections == ["discovery"]:
+            lines += ['mode = "dns"', 'dns_name = "nodes.local"']
+        name = path
+    lines.append(f"{key} = {bad}")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=str(cfg), env={})
+    assert str(info.value).startswith(f"{name} must be "), str(info.value)
+    assert f", not {bad}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--port", "99999"],
+        ["serve", "--node", "http://mac1:0"],
+    ],
+)
+def test_cli_out_of_range_is_one_line_exit_2(args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("mlxmux: error: "), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"MLXMUX_HEALTH_INTERVAL_S": "0"}, {"MLXMUX_SESSION_TTL_S": "-1"}, {"MLXMUX_CONNECT_TIMEOUT_S": "-3"}],
+)
+def test_cli_bad_variable_is_one_line_exit_2(env: dict[str, str]) -> None:
+    (name,) = env
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", "--node", "http://127.0.0.1:9"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **env},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and name in proc.stderr, proc.stderr
 
 
 def test_bare_mlxmux_prints_help_and_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -242,7 +242,10 @@ async def test_kubernetes_source_failures(tmp_path: Path, status: int, body: byt
         ({"MLXMUX_DISCOVERY": "dns"}, 'discovery mode "dns" needs dns_name (MLXMUX_DISCOVERY_DNS_NAME)'),
         ({"MLXMUX_DISCOVERY": "kubernetes"}, 'discovery mode "kubernetes" needs service (MLXMUX_DISCOVERY_SERVICE)'),
         ({"MLXMUX_DISCOVERY": "consul"}, "$.discovery.mode"),
-        ({"MLXMUX_DISCOVERY": "dns", "MLXMUX_DISCOVERY_DNS_NAME": "sim", "MLXMUX_DISCOVERY_PORT": "0"}, "port 0"),
+        (
+            {"MLXMUX_DISCOVERY": "dns", "MLXMUX_DISCOVERY_DNS_NAME": "sim", "MLXMUX_DISCOVERY_PORT": "0"},
+            "discovery.port must be 1..65535, not 0",
+        ),
         (
             {"MLXMUX_DISCOVERY": "dns", "MLXMUX_DISCOVERY_DNS_NAME": "sim", "MLXMUX_DISCOVERY_INTERVAL_S": "0"},
             "interval",

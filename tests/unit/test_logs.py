@@ -9,7 +9,17 @@ import sys
 
 import pytest
 
-from proxy.logs import Fields, JsonFormatter, RedactingFormatter, RequestRecord, log_access, session_label
+from proxy.config import load_settings
+from proxy.logs import (
+    HTTP_CLIENT_LOGGERS,
+    Fields,
+    JsonFormatter,
+    RedactingFormatter,
+    RequestRecord,
+    configure_logging,
+    log_access,
+    session_label,
+)
 
 
 @pytest.mark.parametrize(
@@ -63,3 +73,38 @@ def test_log_lines_never_carry_url_credentials(inner: logging.Formatter) -> None
     line = formatter.format(record)
     assert "pw-123" not in line and "alice" not in line
     assert line.count("http://***@mac1:8080") >= 2  # the message's argument, and the traceback's
+
+
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        (Fields(status=503, error="no routable node in pool 'default' (mac1: draining)"),
+         'status=503 error="no routable node in pool \'default\' (mac1: draining)"'),
+        (Fields(path="/v1/messages", model="claude-opus-4-8"), "path=/v1/messages model=claude-opus-4-8"),
+        (Fields(error='say "x=1"'), 'error="say \\"x=1\\""'),
+        (Fields(model=""), 'model=""'),
+    ],
+)  # fmt: skip
+def test_text_fields_with_spaces_or_quotes_stay_one_field(fields: Fields, text: str) -> None:
+    assert str(fields) == text
+
+
+def test_an_access_line_says_why_the_request_failed(caplog: pytest.LogCaptureFixture) -> None:
+    record = RequestRecord("req_2", error="x" * 2000, client="10.1.2.3")
+    with caplog.at_level(logging.INFO, logger="mlxmux.access"):
+        log_access(record, 503, "hash")
+    (line,) = [r.msg for r in caplog.records]
+    assert line["status"] == 503 and line["client"] == "10.1.2.3"
+    assert len(line["error"]) == 500 and line["error"].endswith("…")
+
+
+@pytest.mark.parametrize(("log_http", "level"), [(False, logging.WARNING), (True, logging.NOTSET)])
+def test_httpx_request_lines_are_off_unless_asked_for(log_http: bool, level: int) -> None:
+    """NOTSET: httpx's loggers then follow the configured level (its per-request lines are INFO)."""
+    saved = {name: logging.getLogger(name).level for name in HTTP_CLIENT_LOGGERS}
+    try:
+        configure_logging(load_settings(env={"MLXMUX_LOG_HTTP": str(log_http).lower()}).server)
+        assert {logging.getLogger(name).level for name in HTTP_CLIENT_LOGGERS} == {level}
+    finally:
+        for name, old in saved.items():
+            logging.getLogger(name).setLevel(old)
