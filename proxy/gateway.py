@@ -24,10 +24,11 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
+from proxy.bindings import BindingCache
 from proxy.cluster import Cluster
 from proxy.config import Settings
 from proxy.discovery import DiscoveryRunner, make_discovery
@@ -39,11 +40,12 @@ from proxy.metrics import Metrics
 from proxy.pools import unavailable
 from proxy.progress import REPORT_INTERVAL_S, ProgressBook
 from proxy.translate import DEFAULT_BYTES_PER_TOKEN
+from proxy.views import belief_warning, calibration, latency_order
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
 from state.policy import rendezvous_rank
 from state.store import Store
-from state.types import Decision, Lease, NodeView, Outcome, RouteRequest, Strategy
+from state.types import Decision, Lease, Outcome, RouteRequest, Strategy
 
 log = logging.getLogger("mlxmux.gateway")
 
@@ -456,82 +458,3 @@ class Gateway:
 
     def bytes_per_token(self, pool: str) -> float:
         return self.calibration.get(pool, DEFAULT_BYTES_PER_TOKEN)
-
-
-class BindingCache:
-    """The session bindings one replica has seen, (pool, session) -> node id, for degraded mode: at most
-    `size` (the least recently routed dropped first), each forgotten `ttl_s` after its session was last
-    routed (the session TTL, as in the store). Memory: about 200 bytes an entry, 2 MB at 10 000."""
-
-    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.size = size
-        self.ttl_s = ttl_s
-        self._clock = clock
-        self._entries: collections.OrderedDict[tuple[str, str], tuple[str, float]] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, pool: str, session: str) -> str | None:
-        entry = self._entries.get((pool, session))
-        if entry is None:
-            return None
-        if entry[1] <= self._clock():
-            del self._entries[(pool, session)]
-            return None
-        return entry[0]
-
-    def put(self, pool: str, session: str, node_id: str) -> None:
-        key = (pool, session)
-        self._entries.pop(key, None)
-        self._entries[key] = (node_id, self._clock() + self.ttl_s)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-
-BELIEF_MIN_REPORTS = 20
-"""Answers a node needs before the router judges its belief about the node's cache (`belief_warning`)."""
-
-
-def belief_warning(view: NodeView) -> str | None:
-    """Why routing to this node is flying blind, when its answers keep contradicting the router's model of
-    its cache: most answers missed what the router expected (wrong cache_slots, prompt_order, or other
-    clients on the node), or the node reuses far less than expected."""
-    c = view.cache
-    if c.reports < BELIEF_MIN_REPORTS:
-        return None
-    if c.misses * 2 > c.reports:
-        return (
-            f"{c.misses} of {c.reports} answers reused less than the router expected: check that cache_slots "
-            "matches its --prompt-cache-size, that prompt_order matches its chat template, and that nothing "
-            "else sends it requests (docs/routing.md)"
-        )
-    if c.prompt_tokens and c.predicted_tokens - c.reported_tokens > 0.2 * c.prompt_tokens:
-        return (
-            f"the router expected {c.predicted_tokens / c.prompt_tokens:.0%} of its prompt tokens cached, it "
-            f"reported {c.reported_tokens / c.prompt_tokens:.0%}: check prompt_order and cache_slots (docs/routing.md)"
-        )
-    return None
-
-
-MIN_CALIBRATION_TOKENS = 1000
-"""Reported prompt tokens a pool needs before its own ratio replaces the default."""
-
-
-def calibration(views: Sequence[NodeView], pools: Mapping[str, str]) -> dict[str, float]:
-    """Pool -> bytes per token over its nodes' reported prompts (pools with too few reports left out)."""
-    sums: dict[str, tuple[int, int]] = {}
-    for v in views:
-        pool = pools.get(v.node_id)
-        if pool is not None:
-            b, t = sums.get(pool, (0, 0))
-            sums[pool] = (b + v.cache.prompt_bytes, t + v.cache.prompt_tokens)
-    return {pool: b / t for pool, (b, t) in sums.items() if t >= MIN_CALIBRATION_TOKENS and b > 0}
-
-
-def latency_order(views: Sequence[NodeView]) -> tuple[str, ...]:
-    """Node ids for `latency-based`: nodes not measured yet first (so they get measured), then by
-    shared p50 time to first token, fastest first."""
-    unmeasured = [v.node_id for v in views if v.stats.ttft_p50_ms is None]
-    measured = sorted((v for v in views if v.stats.ttft_p50_ms is not None), key=lambda v: v.stats.ttft_p50_ms or 0.0)
-    return (*unmeasured, *(v.node_id for v in measured))

@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxy.attempts import Prepared, end_request
 from proxy.errors import GatewayError, error_body, error_headers
 from proxy.gateway import Gateway
 from proxy.joins import End, JoinSource
-from proxy.relay import SSE_HEADERS, Prepared, end_request, wait_disconnect
+from proxy.relay import SSE_HEADERS, wait_disconnect
 from proxy.sse import PING, encode_event
 from proxy.stream import StreamTranslator
 

@@ -39,8 +39,8 @@ from state.errors import StateUnavailable
 from state.store import Store
 
 if TYPE_CHECKING:
+    from proxy.attempts import Prepared
     from proxy.gateway import Gateway
-    from proxy.relay import Prepared
 
 log = logging.getLogger("mlxmux.joins")
 

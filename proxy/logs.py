@@ -48,7 +48,7 @@ def _text_value(value: object) -> str:
 
 @dataclass(slots=True)
 class RequestRecord:
-    """What one /v1/messages request did, filled in along the way (`proxy.relay.Attempt`)."""
+    """What one /v1/messages request did, filled in along the way (`proxy.attempts.Attempt`)."""
 
     request_id: str = ""
     method: str = "POST"

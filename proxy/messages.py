@@ -16,16 +16,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from proxy.answers import from_chat_completion
-from proxy.config import ServerConfig
-from proxy.errors import BodyTimeout, ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge
-from proxy.gateway import Gateway
-from proxy.joined import JoinedResponse
-from proxy.joins import Generation
-from proxy.logs import RequestRecord
-from proxy.relay import (
+from proxy.attempts import (
     Attempt,
     Prepared,
-    RelayResponse,
     deadline_failure,
     end_request,
     native_usage,
@@ -33,6 +26,13 @@ from proxy.relay import (
     request_deadline,
     with_failover,
 )
+from proxy.config import ServerConfig
+from proxy.errors import BodyTimeout, ClientDisconnected, GatewayError, InvalidRequest, RequestTooLarge
+from proxy.gateway import Gateway
+from proxy.joined import JoinedResponse
+from proxy.joins import Generation
+from proxy.logs import RequestRecord
+from proxy.relay import RelayResponse
 from proxy.translate import (
     encode_chat_request,
     estimate_tokens,

@@ -1,7 +1,7 @@
 """Prometheus metrics (`GET /metrics`): what each replica saw of its requests, nodes and store.
 
 One `Metrics` per gateway, with its own `CollectorRegistry` (several apps may live in one process,
-as in the tests). Request outcomes are recorded as they happen (`proxy.relay.Attempt`); node state,
+as in the tests). Request outcomes are recorded as they happen (`proxy.attempts.Attempt`); node state,
 drain, in-flight and store reachability are copied from the gateway's local view at scrape time, so
 recording them costs the hot path nothing. The metric list and example queries: docs/operations.md.
 """

@@ -17,11 +17,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from proxy.app import build_app
+from proxy.attempts import failure_signature
 from proxy.cluster import Cluster
 from proxy.config import HealthConfig, NodeConfig, TimeoutConfig, load_settings
 from proxy.errors import InvalidRequest
 from proxy.health import HealthMonitor
-from proxy.relay import failure_signature
 from proxy.upstream import NodeClient, NodeFailure, unsendable_header
 from proxy.validate import MAX_SESSION_ID, session_key_part
 from proxy.wire.anthropic import decode_messages_request, session_id_from_metadata
@@ -373,7 +373,7 @@ def test_hostile_session_ids_are_served_and_blame_no_node(
 
 
 def test_an_answer_over_the_size_cap_is_never_the_requests_fault() -> None:
-    from proxy.relay import failure_signature
+    from proxy.attempts import failure_signature
     from proxy.upstream import NodeFailure
 
     over = NodeFailure("protocol", "node a sent a stream event over 100 bytes", oversized=True)

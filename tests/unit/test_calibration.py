@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from proxy.gateway import MIN_CALIBRATION_TOKENS, belief_warning, calibration
 from proxy.translate import estimate_tokens, prompt_bytes
+from proxy.views import MIN_CALIBRATION_TOKENS, belief_warning, calibration
 from proxy.wire.anthropic import decode_messages_request
 from state.cache_model import CacheCounters
 from state.types import NodeStats, NodeView

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 
 import pytest
 
+from proxy.bindings import BindingCache
 from proxy.cluster import Cluster
 from proxy.config import Settings, load_settings
-from proxy.gateway import KEY_SLOT, NODE_LEASE, BindingCache, Gateway
+from proxy.gateway import KEY_SLOT, NODE_LEASE, Gateway
 from state.errors import StateUnavailable
 from state.memory import MemoryStore
 from state.types import Candidate, Lease, NodeState, RouteRequest

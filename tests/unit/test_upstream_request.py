@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from proxy.attempts import Prepared
 from proxy.config import NodeConfig, load_settings
 from proxy.messages import upstream_request
-from proxy.relay import Prepared
 from proxy.translate import to_chat_request
 from proxy.wire.anthropic import decode_messages_request
 
