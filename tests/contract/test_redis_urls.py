@@ -35,16 +35,21 @@ async def route_twice(url: str) -> None:
         await store.close()
 
 
+async def assert_refused(url: str) -> None:
+    """A store opened with `url` cannot route (a wrong password, TLS spoken to a plain client, …)."""
+    store = open_store(url, prefix="urls:")
+    try:
+        with pytest.raises(StateUnavailable):
+            await store.route(REQUEST)
+    finally:
+        await store.close()
+
+
 async def test_password_in_the_url() -> None:
     with redis_server(password="s3cret pass") as url:
         assert url.startswith("redis://:s3cret pass@")
         await route_twice(url.replace(" ", "%20"))
-        wrong = open_store(url.replace("s3cret pass", "wrong"), prefix="urls:")
-        try:
-            with pytest.raises(StateUnavailable):
-                await wrong.route(REQUEST)
-        finally:
-            await wrong.close()
+        await assert_refused(url.replace("s3cret pass", "wrong"))
 
 
 @pytest.fixture
@@ -63,12 +68,7 @@ async def test_rediss_with_a_password(self_signed: tuple[str, str]) -> None:
     with redis_server(password="pw", tls=self_signed) as url:
         assert url.startswith("rediss://:pw@127.0.0.1:")
         await route_twice(url)
-        plain = open_store(url.replace("rediss://", "redis://").partition("?")[0], prefix="urls:")
-        try:
-            with pytest.raises(StateUnavailable):  # the port speaks TLS only
-                await plain.route(REQUEST)
-        finally:
-            await plain.close()
+        await assert_refused(url.replace("rediss://", "redis://").partition("?")[0])  # the port speaks TLS only
 
 
 async def test_sentinel_url_with_the_servers_and_the_sentinels_passwords() -> None:
@@ -77,12 +77,7 @@ async def test_sentinel_url_with_the_servers_and_the_sentinels_passwords() -> No
         assert url.startswith("redis+sentinel://:pw%201@127.0.0.1:") and url.endswith("?sentinel_password=spw")
         await route_twice(url)
         for wrong in (url.replace("spw", "nope"), url.replace("pw%201", "nope")):
-            store = open_store(wrong, prefix="urls:")
-            try:
-                with pytest.raises(StateUnavailable):
-                    await store.route(REQUEST)
-            finally:
-                await store.close()
+            await assert_refused(wrong)
 
 
 async def test_rediss_sentinel(self_signed: tuple[str, str]) -> None:
@@ -90,12 +85,7 @@ async def test_rediss_sentinel(self_signed: tuple[str, str]) -> None:
         url = found.url()
         assert url.startswith("rediss+sentinel://:pw@127.0.0.1:")
         await route_twice(url)
-        plain = open_store(url.replace("rediss+", "redis+").partition("?")[0], prefix="urls:")
-        try:
-            with pytest.raises(StateUnavailable):  # the sentinels speak TLS only
-                await plain.route(REQUEST)
-        finally:
-            await plain.close()
+        await assert_refused(url.replace("rediss+", "redis+").partition("?")[0])  # the sentinels speak TLS only
 
 
 @pytest.fixture

@@ -24,6 +24,18 @@ SLOW = ("--prefill-tps", "5000", "--prefill-step-size", "1024", "--reply-tokens"
 
 
 @contextlib.contextmanager
+def slow_cluster(
+    request: pytest.FixtureRequest, shared: bool, name: str, *sim_args: str
+) -> Iterator[tuple[Proc, list[Proc], str, dict[str, Any]]]:
+    """A slow sim node behind one replica (memory) or two sharing Redis, a session id and its first turn."""
+    redis_url = request.getfixturevalue("redis_url") if shared else None
+    session = f"{name}-{shared}-0000-4000-8000-000000000000"
+    body = claude_code_request(session, 1, max_tokens=64)
+    with sim_node(*sim_args) as node, replicas(node, redis_url, 2 if shared else 1, f"{name}{shared}:") as gws:
+        yield node, gws, session, body
+
+
+@contextlib.contextmanager
 def replicas(node: Proc, redis_url: str | None, count: int, prefix: str) -> Iterator[list[Proc]]:
     extra = ["--redis", redis_url] if redis_url else []
     env = {"MLXMUX_KEY_PREFIX": prefix, "MLXMUX_HEALTH_INTERVAL_S": "1"}
@@ -76,10 +88,7 @@ async def complete(url: str, body: dict[str, Any], session: str) -> anthropic.ty
 
 @pytest.mark.parametrize("shared", [False, True], ids=["one-replica", "two-replicas-redis"])
 def test_a_resend_after_the_client_gave_up_joins_the_answer(shared: bool, request: pytest.FixtureRequest) -> None:
-    redis_url = request.getfixturevalue("redis_url") if shared else None
-    session = f"resend-{shared}-0000-4000-8000-000000000000"
-    body = claude_code_request(session, 1, max_tokens=64)
-    with sim_node(*SLOW) as node, replicas(node, redis_url, 2 if shared else 1, f"rs{shared}:") as gws:
+    with slow_cluster(request, shared, "resend", *SLOW) as (node, gws, session, body):
 
         async def scenario() -> anthropic.types.Message:
             with contextlib.suppress(AssertionError):  # the first client gives up mid-prefill...
@@ -103,10 +112,7 @@ def test_a_resend_after_the_client_gave_up_joins_the_answer(shared: bool, reques
 
 @pytest.mark.parametrize("shared", [False, True], ids=["one-replica", "two-replicas-redis"])
 def test_copies_in_flight_get_identical_complete_streams(shared: bool, request: pytest.FixtureRequest) -> None:
-    redis_url = request.getfixturevalue("redis_url") if shared else None
-    session = f"twins-{shared}-0000-4000-8000-000000000000"
-    body = claude_code_request(session, 1, max_tokens=64)
-    with sim_node(*SLOW) as node, replicas(node, redis_url, 2 if shared else 1, f"tw{shared}:") as gws:
+    with slow_cluster(request, shared, "twins", *SLOW) as (node, gws, session, body):
 
         async def scenario() -> list[list[tuple[str, str]]]:
             first = asyncio.create_task(raw_events(gws[0].url, body, session))
@@ -124,12 +130,13 @@ def test_copies_in_flight_get_identical_complete_streams(shared: bool, request: 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["one-replica", "two-replicas-redis"])
 def test_a_client_that_leaves_alone_cancels_the_nodes_request(shared: bool, request: pytest.FixtureRequest) -> None:
-    redis_url = request.getfixturevalue("redis_url") if shared else None
-    session = f"alone-{shared}-0000-4000-8000-000000000000"
-    body = claude_code_request(session, 1, max_tokens=64)
     # prefill alone takes about 20 s here: the node's request must end long before
-    slow = ("--prefill-tps", "1000", "--prefill-step-size", "1024")
-    with sim_node(*slow) as node, replicas(node, redis_url, 1, f"al{shared}:") as gws:
+    with slow_cluster(request, shared, "alone", "--prefill-tps", "1000", "--prefill-step-size", "1024") as (
+        node,
+        gws,
+        session,
+        body,
+    ):
         with contextlib.suppress(AssertionError):
             asyncio.run(leave_after(gws[0].url, body, session, 1.0))
         left = time.monotonic()
