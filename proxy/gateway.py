@@ -152,6 +152,10 @@ class Gateway:
         """True while the circuit around the shared store is open (recent failure, retry not yet due)."""
         return not self.store_ok and time.monotonic() < self._store_retry_at
 
+    def store_failed(self) -> None:
+        """A call to the shared store outside this class failed: open the circuit around it."""
+        self._mark_store(False)
+
     def store_circuit_open(self) -> bool:
         """True while the shared store is skipped after a failure (callers do without it meanwhile)."""
         return self._store_closed()

@@ -148,8 +148,6 @@ class Batch(msgspec.Struct, frozen=True):
 
 
 class JoinSource(Protocol):
-    where: str
-
     async def next(self, after: int, timeout: float) -> Batch | None:
         """Events after the first `after` (with the end, once there), or None if nothing came in `timeout`."""
         ...
@@ -159,8 +157,6 @@ class JoinSource(Protocol):
 
 class LocalSource:
     """A copy waiting for an answer owned by this replica."""
-
-    where = "local"
 
     def __init__(self, gen: Generation) -> None:
         self.gen = gen
@@ -185,8 +181,6 @@ class LocalSource:
 
 class SharedSource:
     """A copy waiting for an answer owned by another replica, read from the shared store."""
-
-    where = "shared"
 
     def __init__(self, hub: JoinHub, key: str, waiter: str) -> None:
         self.hub = hub
@@ -251,6 +245,7 @@ class JoinHub:
             try:
                 ticket = await self.gw.store.open_generation(key, gen.owner, gen.owner, GENERATION_TTL_MS)
             except StateUnavailable:
+                self.gw.store_failed()  # the circuit opens: routing this request does not wait for Redis again
                 ticket = None  # owned here alone: copies through this replica still join it
             if ticket is not None and ticket.role == "join":
                 self.gw.metrics.joined.labels("shared").inc()

@@ -237,3 +237,23 @@ def test_a_mixed_window_pool_sends_long_prompts_only_to_nodes_that_hold_them(tmp
                 client.messages.create(**sdk_kwargs(body, "mixed-x"))
             assert caught.value.status_code == 503  # the one node that holds it is out: retry later
             assert "holds" in caught.value.message
+
+
+def test_a_copy_whose_owner_replica_died_asks_the_node_itself(request: pytest.FixtureRequest) -> None:
+    with slow_cluster(request, True, "orphan", *SLOW) as (node, gws, session, body):
+
+        async def scenario() -> anthropic.types.Message:
+            first = asyncio.create_task(raw_events(gws[0].url, body, session))
+            await asyncio.sleep(1.0)
+            copy = asyncio.create_task(complete(gws[1].url, body, session))
+            await asyncio.sleep(1.0)
+            gws[0].kill()  # the replica that owns the answer dies mid-prefill
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                await first
+            return await copy
+
+        message = asyncio.run(scenario())
+        s = stats(node)
+        assert (s["requests"], s["completed"]) == (2, 1)  # the owner's copy was cut with its replica
+        assert message.stop_reason == "end_turn"
+        assert message.usage.output_tokens == s["recent"][-1]["completion_tokens"]  # the whole answer, from the node
