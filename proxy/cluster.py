@@ -59,6 +59,11 @@ class Cluster:
         """The node's context window in tokens (its own, else its pool's); None = not declared."""
         return node.context_window or self.pool_windows.get(node.pool)
 
+    def holds(self, node: NodeConfig, tokens: int) -> bool:
+        """The node's context window holds a prompt of `tokens` tokens (a node that declares none holds any)."""
+        window = self.window(node)
+        return window is None or tokens <= window
+
     def max_window(self, pool: str) -> int | None:
         """The largest context window among the pool's nodes, or None when any node declares none (or the
         pool has no nodes): a prompt over it fits no node of the pool."""
@@ -81,7 +86,7 @@ class Cluster:
             if n.pool == pool
             and n.id not in excluded
             and self.states.get(n.id) in ROUTABLE_STATES
-            and (tokens <= (self.window(n) or tokens))
+            and self.holds(n, tokens)
         )
 
     def status(self) -> str:

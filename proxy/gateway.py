@@ -396,24 +396,22 @@ class Gateway:
 
     async def _report_progress(self) -> None:
         """Every REPORT_INTERVAL_S: what changed in the progress of requests older than that, one round trip
-        (requests routed locally in degraded mode go to the local store)."""
+        (requests routed locally in degraded mode go to the local store). What the shared store could not
+        take is sent again with the next round."""
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)
             due = self.progress.due(time.monotonic())
             local = [u for u in due if u[0] in self._local_leases]
             shared = [u for u in due if u[0] not in self._local_leases]
-            if local:
-                await self.local_store.progress(local)
-            if not shared:
-                continue
             try:
-                if self._store_closed():
-                    raise StateUnavailable("store circuit open")
-                await self.store.progress(shared)
+                if local:
+                    await self.local_store.progress(local)
+                if shared and self._store_closed():
+                    self.progress.unsent(shared)
+                elif shared:
+                    await self.store.progress(shared)
             except StateUnavailable:
-                for lease, _ in shared:  # sent again once the store answers
-                    if (progress := self.progress.live.get(lease)) is not None:
-                        progress.changed = True
+                self.progress.unsent(shared)
             except Exception:  # a bug here must not stop progress reports for the life of the process
                 log.exception("reporting progress failed")
 

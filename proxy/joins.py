@@ -182,8 +182,8 @@ class LocalSource:
 class SharedSource:
     """A copy waiting for an answer owned by another replica, read from the shared store."""
 
-    def __init__(self, hub: JoinHub, key: str, waiter: str) -> None:
-        self.hub = hub
+    def __init__(self, store: Store, key: str, waiter: str) -> None:
+        self.store = store
         self.key = key
         self.waiter = waiter
         self.unreachable_since: float | None = None
@@ -192,7 +192,7 @@ class SharedSource:
         give_up = time.monotonic() + timeout
         while True:
             try:
-                read = await self.hub.store().read_generation(self.key, self.waiter, after, GENERATION_TTL_MS)
+                read = await self.store.read_generation(self.key, self.waiter, after, GENERATION_TTL_MS)
             except StateUnavailable:
                 # Meanwhile the owner cannot renew it either: past its TTL it is gone for good.
                 now = time.monotonic()
@@ -210,7 +210,7 @@ class SharedSource:
 
     async def leave(self) -> None:
         with contextlib.suppress(StateUnavailable):
-            await self.hub.store().leave_generation(self.key, self.waiter)
+            await self.store.leave_generation(self.key, self.waiter)
 
 
 class JoinHub:
@@ -220,9 +220,6 @@ class JoinHub:
         self.gw = gw
         self.local: dict[str, Generation] = {}
         self._tickers: set[asyncio.Task[None]] = set()
-
-    def store(self) -> Store:
-        return self.gw.store
 
     @property
     def enabled(self) -> bool:
@@ -249,7 +246,7 @@ class JoinHub:
                 ticket = None  # owned here alone: copies through this replica still join it
             if ticket is not None and ticket.role == "join":
                 self.gw.metrics.joined.labels("shared").inc()
-                return SharedSource(self, key, gen.owner)
+                return SharedSource(self.gw.store, key, gen.owner)
             gen.shared = ticket is not None and ticket.role == "own"
         self.local[key] = gen
         if gen.shared:

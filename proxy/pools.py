@@ -53,7 +53,7 @@ def looks(cluster: Cluster, records: Mapping[str, NodeHealth], tokens: int = 0) 
             last_error=records[node_id].last_error if node_id in records else "",
         )
         for node_id, node in cluster.nodes.items()
-        if tokens <= (cluster.window(node) or tokens)
+        if cluster.holds(node, tokens)
     ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from state.inflight import Phase, RequestProgress
@@ -72,6 +72,12 @@ class ProgressBook:
 
     def drop(self, lease: Lease) -> None:
         self.live.pop(lease, None)
+
+    def unsent(self, updates: Sequence[tuple[Lease, RequestProgress]]) -> None:
+        """Records `due` gave that did not reach the store: due again next time (if still in flight)."""
+        for lease, _ in updates:
+            if (progress := self.live.get(lease)) is not None:
+                progress.changed = True
 
     def due(self, now: float) -> list[tuple[Lease, RequestProgress]]:
         """What to send now: changed records of requests older than REPORT_INTERVAL_S (marked sent)."""

@@ -91,9 +91,6 @@ class GenerationBoard:
     def __init__(self) -> None:
         self._gens: dict[str, _Generation] = {}
 
-    def __len__(self) -> int:
-        return len(self._gens)
-
     def _live(self, key: str, now: int) -> _Generation | None:
         gen = self._gens.get(key)
         if gen is not None and gen.expires <= now:
